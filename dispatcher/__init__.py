@@ -1,0 +1,1 @@
+"""crunchgate: HPC batch-submission gateway for Arvados containers."""
