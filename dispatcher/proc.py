@@ -154,7 +154,7 @@ class CommandRunner:
         return result
 
     async def _run_one(
-        self, argv: tuple[str, ...], data: bytes | None, timeout: float, env: dict[str, str]
+        self, argv: tuple[str, ...], data: bytes | None, limit_s: float, env: dict[str, str]
     ) -> CommandResult:
         t0 = time.monotonic()
         try:
@@ -170,12 +170,12 @@ class CommandRunner:
         except (FileNotFoundError, PermissionError) as exc:
             raise CommandNotFound(argv, None, "", "", f"cannot run: {exc.strerror}") from None
         try:
-            out, err = await asyncio.wait_for(proc.communicate(data), timeout)
-        except asyncio.TimeoutError:
+            out, err = await asyncio.wait_for(proc.communicate(data), limit_s)
+        except TimeoutError:
             _kill_group(proc)
             out, err = await _drain(proc)
             raise CommandTimeout(
-                argv, None, self._redact(out), self._redact(err), f"timed out after {timeout:g}s"
+                argv, None, self._redact(out), self._redact(err), f"timed out after {limit_s:g}s"
             ) from None
         except asyncio.CancelledError:
             _kill_group(proc)
@@ -204,6 +204,6 @@ async def _drain(proc: asyncio.subprocess.Process) -> tuple[str, str]:
     """Collect what a killed process had written, without waiting forever."""
     try:
         out, err = await asyncio.wait_for(proc.communicate(), 5)
-    except (asyncio.TimeoutError, ValueError):
+    except (TimeoutError, ValueError):
         return "", ""
     return out.decode(errors="replace"), err.decode(errors="replace")
