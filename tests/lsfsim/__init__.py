@@ -1,0 +1,1 @@
+"""LSF simulator (bsub/bjobs/bkill) for tests; see sim.py."""
