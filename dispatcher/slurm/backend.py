@@ -1,0 +1,267 @@
+"""The Slurm backend of the dispatch loop (drop-in for crunch-dispatch-slurm, reference 3).
+
+It only talks to Slurm; the loop (:mod:`dispatcher.core.loop`) decides everything else.
+
+* :meth:`SlurmBackend.list_jobs` -- ONE ``squeue --all --states=all`` per poll. Jobs that ended
+  (still listed for ``MinJobAge``) are *not* present; the first time a container's job is seen
+  ended, an optional ``on_job_ended`` hook is told how it ended (NODE_FAIL, TIMEOUT, ...) so the
+  service can record it on the container before the loop reacts to the vanished job.
+* :meth:`SlurmBackend.submit` -- sbatch with the reference's argument list and the job script on
+  stdin; ``ARVADOS_API_*`` and ``SbatchEnvironmentVariables`` in sbatch's process environment.
+  Rejections Slurm will repeat forever raise ``SubmitFailed(permanent=True)`` quoting Slurm.
+  Controller trouble is retried here a few times behind the shared back-off. An sbatch whose
+  answer never came may still have created the job: before any resubmission the job name is
+  looked up in squeue.
+* :meth:`SlurmBackend.cancel` -- scancel pending, then TERM to the batch shell of running and
+  suspended jobs (reference 3.8).
+* :meth:`SlurmBackend.set_priorities` -- PrioritySpread renice, ``scontrol update`` only for the
+  jobs whose nice must change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Gauge
+
+from dispatcher.config import ClusterConfig
+from dispatcher.core.backend import Backend, CancelFailed, Job, QueryFailed, SubmitFailed
+from dispatcher.core.jobscript import container_job_script
+from dispatcher.logs import get_logger, register_secret
+from dispatcher.slurm import parse
+from dispatcher.slurm.commands import Backoff, SlurmCLI, SlurmCommandError
+from dispatcher.slurm.priority import plan_renice
+from dispatcher.slurm.sbatch import SbatchArgumentsError, sbatch_args, sbatch_environment
+
+log = get_logger("slurm")
+
+#: How often one submit() tries sbatch when slurmctld is struggling, before giving the
+#: container back to the loop (which unlocks it and backs off).
+SUBMIT_ATTEMPTS = 3
+#: At most this many scontrol renice calls per poll: a freshly adopted queue of 10,000 jobs is
+#: reniced over several polls instead of in one burst.
+MAX_RENICE_PER_POLL = 2000
+
+JobEndedHook = Callable[[str, str, parse.SqueueRow], Awaitable[None]]
+
+
+class SlurmBackend(Backend):
+    """Slurm through its command-line tools."""
+
+    name = "slurm"
+
+    def __init__(
+        self,
+        cfg: ClusterConfig,
+        *,
+        cli: SlurmCLI | None = None,
+        registry: CollectorRegistry | None = None,
+        on_job_ended: JobEndedHook | None = None,
+    ) -> None:
+        self.cfg = cfg
+        poll = cfg.containers.cloud_vms.poll_interval_s
+        self.cli = cli or SlurmCLI(
+            timeout_s=cfg.crunchgate.command_timeout_s,
+            submit_concurrency=cfg.crunchgate.submit_concurrency,
+            # slow down to at most one attempt per ~10 polls, within [5 s, 60 s]
+            backoff=Backoff(base_s=max(0.5, poll), max_s=min(60.0, max(5.0, 10 * poll))),
+            registry=registry,
+        )
+        self.on_job_ended = on_job_ended
+        self.env = sbatch_environment(cfg)
+        register_secret(self.env.get("ARVADOS_API_TOKEN"))
+        self._uuid_re = re.compile(r"^[a-z0-9]{5}-dz642-[a-z0-9]{15}$")
+        self._rows: dict[str, parse.SqueueRow] = {}
+        self._seen_ended: set[str] = set()  # job ids already reported as ended
+        self._live_ids: dict[str, str] = {}  # name -> job id of the live job, last poll
+        # Names whose sbatch got no answer: look them up before submitting again.
+        self._maybe_submitted: set[str] = set()
+        reg = self.cli.metrics.registry
+        self._jobs_gauge = Gauge(
+            "crunchgate_slurm_jobs", "Jobs in the last squeue, by Slurm state",
+            ["state"], registry=reg,
+        )
+        self._known_states: set[str] = set()
+
+    # --- queue --------------------------------------------------------------------------------
+
+    async def list_jobs(self) -> dict[str, Job]:
+        try:
+            out = await self.cli.squeue()
+        except SlurmCommandError as exc:
+            raise QueryFailed(f"squeue failed, job states unknown this poll: {exc}") from None
+        rows, bad = parse.parse_squeue(out)
+        for line in bad[:5]:
+            log.warning("ignoring unparsed line in squeue output: %r", line)
+        live, ended = parse.current_jobs(rows)
+        for name, ids in parse.duplicate_live_jobs(rows).items():
+            if self._uuid_re.match(name):
+                log.warning("several live Slurm jobs named %s: %s (only one crunch-run can "
+                            "run the container; the others will fail)", name, ", ".join(ids))
+        self._update_gauge(rows)
+        await self._report_ended(live, ended)
+        self._rows = live
+        self._live_ids = {n: r.job_id for n, r in live.items()}
+        return {
+            name: Job(
+                name=name, job_id=r.job_id, state=r.state, reason=r.reason, nice=r.nice,
+                priority=r.priority, pending=r.pending,
+            )
+            for name, r in live.items()
+        }
+
+    def _update_gauge(self, rows: list[parse.SqueueRow]) -> None:
+        counts: dict[str, int] = {}
+        for r in rows:
+            if not r.ended:
+                counts[r.state] = counts.get(r.state, 0) + 1
+        for state in self._known_states | set(counts):
+            self._jobs_gauge.labels(state).set(counts.get(state, 0))
+        self._known_states |= set(counts)
+
+    async def _report_ended(
+        self, live: Mapping[str, parse.SqueueRow], ended: Mapping[str, parse.SqueueRow]
+    ) -> None:
+        """Tell the hook, once per job, how a container's job ended."""
+        fresh = []
+        for name, row in ended.items():
+            if row.job_id in self._seen_ended or not self._uuid_re.match(name):
+                continue
+            self._seen_ended.add(row.job_id)
+            # COMPLETED means crunch-run exited 0: it has already finalised the container.
+            if row.state in parse.BAD_END_STATES or (
+                row.state != "COMPLETED" and self._live_ids.get(name) == row.job_id
+            ):
+                fresh.append((name, row))
+        if len(self._seen_ended) > 200000:  # bounded memory over months of uptime
+            self._seen_ended = {r.job_id for r in ended.values()}
+        if not fresh or self.on_job_ended is None:
+            for name, row in fresh:
+                if row.state in parse.BAD_END_STATES:
+                    log.warning("%s", parse.end_description(row),
+                                extra={"container_uuid": name, "job_id": row.job_id})
+            return
+        hook = self.on_job_ended
+
+        async def one(name: str, row: parse.SqueueRow) -> None:
+            try:
+                await asyncio.wait_for(hook(name, parse.end_description(row), row), 30)
+            except Exception as exc:  # recording the reason must never break the poll
+                log.warning("could not record how job %s ended: %s", row.job_id, exc,
+                            extra={"container_uuid": name})
+
+        await asyncio.gather(*(one(n, r) for n, r in fresh[:100]))
+
+    def scheduling_status(self, job: Job) -> str:
+        row = self._rows.get(job.name)
+        partition = row.partition if row is not None else ""
+        return parse.scheduling_status(job.reason, partition)
+
+    # --- submit -------------------------------------------------------------------------------
+
+    async def submit(self, ctr: Mapping[str, Any]) -> None:
+        uuid = str(ctr.get("uuid") or "")
+        ctx = {"container_uuid": uuid}
+        if not self._uuid_re.match(uuid):
+            raise SubmitFailed(f"refusing to submit a job for malformed container UUID {uuid!r}",
+                               permanent=True)
+        try:
+            args = sbatch_args(self.cfg, ctr)
+        except SbatchArgumentsError as exc:
+            raise SubmitFailed(str(exc), permanent=True) from None
+        # ConstraintsNotSatisfiable propagates: the loop reports it with the type list.
+        script = container_job_script(self.cfg, uuid, template="slurm")
+        last: SlurmCommandError | None = None
+        for attempt in range(1, SUBMIT_ATTEMPTS + 1):
+            if uuid in self._maybe_submitted:
+                if await self._exists(uuid):
+                    self._maybe_submitted.discard(uuid)
+                    log.info("an earlier sbatch for %s did create its job; not resubmitting",
+                             uuid, extra=ctx)
+                    return
+            log.info("running sbatch %s", args, extra=ctx)
+            try:
+                job_id = await self.cli.sbatch(args, script, self.env)
+            except SlurmCommandError as exc:
+                last = exc
+                if exc.kind == "rejected":
+                    raise SubmitFailed(
+                        f"Slurm rejected the job: {exc.message} "
+                        f"(sbatch {' '.join(args)}); fix the container's resource request "
+                        "or the site's SbatchArgumentsList", permanent=True,
+                    ) from None
+                if exc.kind == "not_found":
+                    raise SubmitFailed(exc.message) from None
+                if exc.kind in ("timeout", "controller"):
+                    # The request may have reached slurmctld and created the job anyway.
+                    self._maybe_submitted.add(uuid)
+                log.warning("sbatch attempt %d/%d failed: %s", attempt, SUBMIT_ATTEMPTS, exc,
+                            extra=ctx)
+                if exc.kind not in ("timeout", "controller", "backoff"):
+                    break
+                continue
+            self._maybe_submitted.discard(uuid)
+            log.info("submitted Slurm job %s", job_id or "(id unknown)",
+                     extra={**ctx, "job_id": job_id})
+            return
+        assert last is not None
+        raise SubmitFailed(f"sbatch failed: {last}")
+
+    async def _exists(self, name: str) -> bool:
+        """Is there a live job named ``name``? Unknown counts as yes-we-cannot-tell: raise."""
+        try:
+            out = await self.cli.squeue_name(name)
+        except SlurmCommandError as exc:
+            raise SubmitFailed(
+                f"cannot tell whether an earlier sbatch created the job ({exc}); "
+                "not resubmitting blind"
+            ) from None
+        rows, _ = parse.parse_squeue(out)
+        live, _ = parse.current_jobs(r for r in rows if r.name == name)
+        return name in live
+
+    # --- cancel -------------------------------------------------------------------------------
+
+    async def cancel(self, ctr_uuid: str, job: Job | None) -> None:
+        # Pending jobs go at once; running/suspended ones get SIGTERM to the batch shell only,
+        # never Slurm's TERM+KILL, so crunch-run can stop the container cleanly.
+        for args in (
+            [f"--name={ctr_uuid}", "--state=pending"],
+            [f"--name={ctr_uuid}", "--batch", "--signal=TERM", "--state=running"],
+            [f"--name={ctr_uuid}", "--batch", "--signal=TERM", "--state=suspended"],
+        ):
+            try:
+                await self.cli.scancel(args)
+            except SlurmCommandError as exc:
+                raise CancelFailed(f"scancel {' '.join(args)}: {exc.message}") from None
+
+    # --- priorities ---------------------------------------------------------------------------
+
+    async def set_priorities(self, wanted: Mapping[str, int], jobs: Mapping[str, Job]) -> None:
+        current = {
+            n: (j.priority, j.nice)
+            for n, j in jobs.items()
+            if j.priority is not None and j.nice is not None
+        }
+        plan = plan_renice(wanted, current, self.cfg.containers.slurm.priority_spread)
+        if not plan:
+            return
+        items = sorted(plan.items(), key=lambda kv: -wanted.get(kv[0], 0))[:MAX_RENICE_PER_POLL]
+        errors = 0
+
+        async def one(name: str, nice: int) -> None:
+            nonlocal errors
+            try:
+                await self.cli.set_nice(name, nice)
+            except SlurmCommandError as exc:
+                errors += 1
+                if errors <= 3:
+                    log.warning("scontrol update JobName=%s Nice=%d: %s", name, nice, exc,
+                                extra={"container_uuid": name})
+
+        await asyncio.gather(*(one(n, v) for n, v in items))
+        if errors:
+            log.warning("%d of %d renice commands failed; retried next poll", errors, len(items))

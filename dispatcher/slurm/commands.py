@@ -1,0 +1,260 @@
+"""The Slurm command-line layer: sbatch, squeue, scancel, scontrol, sinfo.
+
+Every call goes through :class:`dispatcher.proc.CommandRunner` (argv list, timeout, bounded
+concurrency). Two runners, so that a burst of submissions cannot starve the poll:
+
+* *submissions* (sbatch, scancel, scontrol update): at most ``submit_concurrency`` processes;
+* *queries* (squeue, sinfo, sacct): at most 2.
+
+Failures become :class:`SlurmCommandError` with a ``kind``:
+
+``controller``  slurmctld is overloaded or unreachable ("Socket timed out", "Slurm temporarily
+                unable", "Unable to contact slurm controller"). This arms :class:`Backoff`:
+                further commands are held back (queries fail at once, without an RPC) for a
+                jittered, doubling delay, so a struggling slurmctld sees less traffic from us,
+                not more.
+``timeout``     the command hung and was killed: treated like ``controller``.
+``rejected``    Slurm refused the request for good (invalid partition, impossible memory ...).
+``quota``       a submit limit (QOS/association/MaxJobCount) -- clears up by itself.
+``not_found``   the executable is missing.
+``backoff``     not run at all: the controller back-off is in force.
+``other``       anything else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Callable, Mapping, Sequence
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+from dispatcher.logs import get_logger, redact
+from dispatcher.proc import (
+    CommandFailed,
+    CommandNotFound,
+    CommandResult,
+    CommandRunner,
+    CommandTimeout,
+)
+from dispatcher.slurm import parse
+
+log = get_logger("slurm.commands")
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class SlurmError(Exception):
+    """Base class of the errors of ``dispatcher.slurm``."""
+
+
+class SlurmCommandError(SlurmError):
+    """A Slurm command failed; ``kind`` says how (see the module docstring)."""
+
+    def __init__(
+        self, command: str, kind: str, message: str, *, returncode: int | None = None
+    ) -> None:
+        self.command = command
+        self.kind = kind
+        self.message = message
+        self.returncode = returncode
+        super().__init__(f"{command}: {message}")
+
+    @property
+    def transient(self) -> bool:
+        """Worth retrying later (the controller, a limit, a hiccup)."""
+        return self.kind not in ("rejected", "not_found")
+
+
+class Backoff:
+    """Jittered exponential back-off armed by controller errors, cleared by a success.
+
+    Pure apart from the injected clock and random source.
+    """
+
+    def __init__(
+        self,
+        *,
+        base_s: float = 1.0,
+        max_s: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
+        self.base_s = base_s
+        self.max_s = max_s
+        self._clock = clock
+        self._rand = rand
+        self.failures = 0
+        self._until = 0.0
+
+    def remaining_s(self) -> float:
+        """Seconds until commands may be sent again (0 when not backing off)."""
+        return max(0.0, self._until - self._clock())
+
+    def failure(self) -> float:
+        """Record a controller error; returns the new delay."""
+        self.failures += 1
+        ceiling = min(self.max_s, self.base_s * (2 ** (self.failures - 1)))
+        # "Equal jitter": at least half the delay, so the back-off really slows us down, and a
+        # random rest so that several dispatchers do not come back in the same second.
+        delay = ceiling / 2 + self._rand() * ceiling / 2
+        self._until = max(self._until, self._clock() + delay)
+        return delay
+
+    def success(self) -> None:
+        self.failures = 0
+        self._until = 0.0
+
+
+class SlurmMetrics:
+    """Prometheus metrics of the Slurm CLI layer."""
+
+    def __init__(self, registry: CollectorRegistry | None) -> None:
+        reg = registry if registry is not None else CollectorRegistry()
+        self.registry = reg
+        self.latency = Histogram(
+            "crunchgate_slurm_command_duration_seconds",
+            "Wall time of Slurm commands, by command.",
+            ["command"], buckets=LATENCY_BUCKETS, registry=reg,
+        )
+        self.commands = Counter(
+            "crunchgate_slurm_commands",
+            "Slurm commands run, by command.",
+            ["command"], registry=reg,
+        )
+        self.errors = Counter(
+            "crunchgate_slurm_command_errors",
+            "Failed Slurm commands, by command and kind (controller, timeout, rejected, "
+            "quota, not_found, backoff, other).",
+            ["command", "kind"], registry=reg,
+        )
+
+
+class SlurmCLI:
+    """Async wrappers for the Slurm commands the dispatcher uses."""
+
+    def __init__(
+        self,
+        *,
+        timeout_s: float = 60.0,
+        submit_concurrency: int = 4,
+        query_concurrency: int = 2,
+        env: Mapping[str, str] | None = None,
+        backoff: Backoff | None = None,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        self.timeout_s = timeout_s
+        self.submit_runner = CommandRunner(
+            max_concurrency=max(1, submit_concurrency), default_timeout_s=timeout_s,
+            env=env, redact=redact,
+        )
+        self.query_runner = CommandRunner(
+            max_concurrency=max(1, query_concurrency), default_timeout_s=timeout_s,
+            env=env, redact=redact,
+        )
+        self.backoff = backoff or Backoff()
+        self.metrics = SlurmMetrics(registry)
+
+    async def _run(
+        self,
+        runner: CommandRunner,
+        argv: Sequence[str],
+        *,
+        stdin: str | None = None,
+        env: Mapping[str, str] | None = None,
+        wait_backoff: bool = False,
+        timeout_s: float | None = None,
+    ) -> CommandResult:
+        command = argv[0]
+        delay = self.backoff.remaining_s()
+        if delay > 0:
+            if not wait_backoff:
+                self.metrics.errors.labels(command, "backoff").inc()
+                raise SlurmCommandError(
+                    command, "backoff",
+                    f"not run: slurmctld reported trouble, backing off for {delay:.1f}s more",
+                )
+            await asyncio.sleep(delay)
+        self.metrics.commands.labels(command).inc()
+        t0 = time.monotonic()
+        try:
+            return await runner.run(argv, stdin=stdin, env=env, timeout_s=timeout_s)
+        except CommandTimeout as exc:
+            self.backoff.failure()
+            self.metrics.errors.labels(command, "timeout").inc()
+            raise SlurmCommandError(
+                command, "timeout",
+                f"no answer within {exc.reason.removeprefix('timed out after ')}"
+                " (slurmctld overloaded or hung?)",
+            ) from None
+        except CommandNotFound as exc:
+            self.metrics.errors.labels(command, "not_found").inc()
+            raise SlurmCommandError(
+                command, "not_found",
+                f"{exc.reason}; install the Slurm client commands (Debian: slurm-client) "
+                "or fix PATH",
+            ) from None
+        except CommandFailed as exc:
+            kind = parse.error_kind(exc.stderr + "\n" + exc.stdout)
+            if kind == "controller":
+                self.backoff.failure()
+            self.metrics.errors.labels(command, kind).inc()
+            msg = parse.slurm_message(exc.stderr) or parse.slurm_message(exc.stdout)
+            raise SlurmCommandError(
+                command, kind, msg or f"exit status {exc.returncode}", returncode=exc.returncode
+            ) from None
+        finally:
+            self.metrics.latency.labels(command).observe(time.monotonic() - t0)
+
+    def _ok(self) -> None:
+        self.backoff.success()
+
+    async def squeue(self) -> str:
+        """One squeue for every job (including recently ended ones), in our format."""
+        res = await self._run(
+            self.query_runner,
+            ["squeue", "--all", "--noheader", "--states=all", f"--format={parse.SQUEUE_FORMAT}"],
+        )
+        self._ok()
+        return res.stdout
+
+    async def squeue_name(self, name: str) -> str:
+        """squeue restricted to one job name (checking an sbatch whose reply was lost)."""
+        res = await self._run(
+            self.query_runner,
+            ["squeue", "--all", "--noheader", "--states=all", f"--name={name}",
+             f"--format={parse.SQUEUE_FORMAT}"],
+            wait_backoff=True,
+        )
+        self._ok()
+        return res.stdout
+
+    async def sbatch(self, args: Sequence[str], script: str, env: Mapping[str, str]) -> str:
+        """Submit ``script`` (on stdin) with ``args``; returns the job id."""
+        res = await self._run(
+            self.submit_runner, ["sbatch", *args], stdin=script, env=env, wait_backoff=True
+        )
+        self._ok()
+        job_id = parse.parse_sbatch_job_id(res.stdout)
+        if job_id is None:
+            # Accepted (exit 0) but unparseable: still submitted. The next squeue knows the id.
+            log.warning("sbatch succeeded but printed no job id: %r", res.stdout[:200])
+            return ""
+        return job_id
+
+    async def scancel(self, args: Sequence[str]) -> None:
+        """scancel exits 0 when nothing matches, so any failure is a real one."""
+        await self._run(self.submit_runner, ["scancel", *args])
+        self._ok()
+
+    async def set_nice(self, name: str, nice: int) -> None:
+        await self._run(
+            self.submit_runner, ["scontrol", "update", f"JobName={name}", f"Nice={nice}"]
+        )
+        self._ok()
+
+    async def sinfo(self, args: Sequence[str]) -> str:
+        res = await self._run(self.query_runner, ["sinfo", *args])
+        self._ok()
+        return res.stdout
