@@ -616,13 +616,16 @@ def cmd_bsub(sim_dir: Path, argv: list[str]) -> int:
         jid = submit(sim, job)
         schedule(sim)
         queue = job["queue"]
+        default = "-q" not in argv
     if fault and fault.get("mode") == "fail_after_submit":
         # The job exists, but the submitter sees an error (lost reply, timeout...).
         sys.stderr.write(fault.get("message", "Batch system not responding. Job not submitted.") + "\n")
         return 255
     if fault and fault.get("mode") == "hang_after_submit":
         time.sleep(float(fault.get("seconds", 3600)))
-    sys.stdout.write(f"Job <{jid}> is submitted to queue <{queue}>.\n")
+    # Real bsub says "default queue" when the queue was not chosen with -q.
+    where = "default queue" if default else "queue"
+    sys.stdout.write(f"Job <{jid}> is submitted to {where} <{queue}>.\n")
     return 0
 
 
