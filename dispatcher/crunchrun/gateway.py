@@ -1,0 +1,111 @@
+"""The hook between crunch-run and the container gateway (``tunnel.agent``).
+
+crunch-run knows the container; the tunnel package knows SSH and HTTP/2. Once the container is
+Running and the dispatcher gave a ``GatewayAuthSecret``, the runner calls :func:`start_gateway`
+with a :class:`GatewayContext`; it imports ``tunnel.agent`` and calls
+``tunnel.agent.start_gateway(ctx)``. That may return an async context manager, an object with an
+``aclose()`` coroutine, or an awaitable resolving to either. :func:`start_gateway` returns a
+:class:`GatewayHandle` whose :meth:`GatewayHandle.aclose` the runner awaits when the container
+ends. A missing module or function is not an error: the container runs without a gateway.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import inspect
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from dispatcher.arvados.client import ArvadosClient
+
+log = logging.getLogger("crunchgate.crunchrun.gateway")
+
+
+@dataclass
+class GatewayContext:
+    """Everything the gateway needs from crunch-run (docs/internals.md)."""
+
+    container_uuid: str
+    auth_secret: str = field(repr=False)
+    client: ArvadosClient
+    # (command, tty) -> argv that runs the command inside the container
+    exec_argv: Callable[[list[str], bool], list[str]]
+    container_env: dict[str, str] = field(repr=False)
+    container_cwd: str
+    target_ip: str  # where ssh -L and container web-service connections go
+
+
+class GatewayHandle:
+    """A started gateway; :meth:`aclose` stops it (idempotent, never raises)."""
+
+    def __init__(self, obj: Any, entered: bool) -> None:
+        self._obj = obj
+        self._entered = entered
+        self._closed = False
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self._entered:
+                await self._obj.__aexit__(None, None, None)
+            elif hasattr(self._obj, "aclose"):
+                res = self._obj.aclose()
+                if inspect.isawaitable(res):
+                    await res
+        except Exception:
+            log.exception("error stopping the container gateway")
+
+
+def _load_start_function(module_name: str) -> Callable[[GatewayContext], Any] | None:
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        log.debug("no container gateway: cannot import %s (%s)", module_name, exc)
+        return None
+    fn = getattr(module, "start_gateway", None)
+    if fn is None:
+        log.debug("no container gateway: %s has no start_gateway", module_name)
+    return fn
+
+
+async def start_gateway(ctx: GatewayContext, module_name: str = "tunnel.agent"
+                        ) -> GatewayHandle | None:
+    """Start the gateway for ``ctx`` if the tunnel package provides one; None otherwise.
+
+    Errors starting it are logged and swallowed: a broken gateway must not fail the container.
+    """
+    fn = _load_start_function(module_name)
+    if fn is None:
+        return None
+    try:
+        obj = fn(ctx)
+        if hasattr(obj, "__aenter__"):
+            await obj.__aenter__()
+            return GatewayHandle(obj, entered=True)
+        if inspect.isawaitable(obj):
+            obj = await obj
+            if hasattr(obj, "__aenter__") and not hasattr(obj, "aclose"):
+                await obj.__aenter__()
+                return GatewayHandle(obj, entered=True)
+        return GatewayHandle(obj, entered=False)
+    except Exception:
+        log.exception("could not start the container gateway; continuing without it",
+                      extra={"container_uuid": ctx.container_uuid})
+        return None
+
+
+@contextlib.asynccontextmanager
+async def gateway(ctx: GatewayContext | None, module_name: str = "tunnel.agent") -> Any:
+    """``async with gateway(ctx):`` — start (if ctx) and always stop the gateway."""
+    handle = await start_gateway(ctx, module_name) if ctx is not None else None
+    try:
+        yield handle
+    finally:
+        if handle is not None:
+            await handle.aclose()
