@@ -1,0 +1,187 @@
+"""``crunchgate controller``: run the embedded controller, or add a user.
+
+    crunchgate controller --config FILE [--data DIR] [--cluster ID]
+    crunchgate controller add-user NAME [--admin] --config FILE [--data DIR] [--cluster ID]
+
+The controller listens on its entry of ``Services.Controller.InternalURLs`` (``https://`` →
+TLS with ``TLS.Certificate``/``TLS.Key``, or a development CA generated in the data directory;
+``http://`` → plain HTTP, e.g. behind nginx). ``add-user`` prints the new user's API token on
+stdout and nothing else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import ssl
+import sys
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from aiohttp import web
+
+from dispatcher.logs import register_secret, setup_logging
+
+from .errors import ControllerError, Unprocessable
+from .store import Policy, Store
+from .tls import ensure_dev_certs, strip_file_url
+
+log = logging.getLogger("crunchgate.controller")
+
+DB_FILE = "controller.sqlite3"
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    """Options of ``crunchgate controller``."""
+    parser.add_argument("action", nargs="?", choices=["serve", "add-user"], default="serve",
+                        help="serve (default) or add-user NAME")
+    parser.add_argument("name", nargs="?", help="user name for add-user")
+    parser.add_argument("--config", default=os.environ.get("ARVADOS_CONFIG", "/etc/arvados/config.yml"),
+                        help="Arvados config.yml (default: %(default)s)")
+    parser.add_argument("--cluster", default=None, help="cluster ID when the file has several")
+    parser.add_argument("--data", default=None,
+                        help="data directory (default: Crunchgate.DataDirectory, "
+                             "$CRUNCHGATE_DATA, /var/lib/crunchgate/<ID> or "
+                             "~/.local/share/crunchgate/<ID>)")
+    parser.add_argument("--admin", action="store_true", help="add-user: make the user an admin")
+
+
+def data_directory(cfg: Any, override: str | None = None) -> Path:
+    """Where the database and generated TLS files live (see :func:`configure_parser`)."""
+    if override:
+        return Path(override)
+    if cfg.crunchgate.data_directory:
+        return Path(cfg.crunchgate.data_directory)
+    env = os.environ.get("CRUNCHGATE_DATA")
+    if env:
+        return Path(env)
+    if os.geteuid() == 0:
+        return Path("/var/lib/crunchgate") / cfg.cluster_id
+    return Path.home() / ".local" / "share" / "crunchgate" / cfg.cluster_id
+
+
+def open_store(cfg: Any, data_dir: Path) -> Store:
+    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return Store(data_dir / DB_FILE, Policy.from_config(cfg))
+
+
+def tls_context(cfg: Any, data_dir: Path, hostnames: list[str]) -> ssl.SSLContext:
+    """Server TLS context: the configured certificate, else the generated development one."""
+    if cfg.tls.certificate and cfg.tls.key:
+        cert, key = strip_file_url(cfg.tls.certificate), strip_file_url(cfg.tls.key)
+    else:
+        paths = ensure_dev_certs(data_dir, hostnames)
+        cert, key = str(paths.cert), str(paths.key)
+        log.info("using development TLS certificate", extra={"fields": {
+            "certificate": cert, "ca_certificate": str(paths.ca_cert)}})
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(cert, key)
+    return ctx
+
+
+def _sd_notify_ready() -> None:
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.connect(addr)
+        s.sendall(b"READY=1")
+
+
+async def serve(cfg: Any, data_dir: Path, *, extra_setup: tuple[Any, ...] = ()) -> None:
+    """Run the controller until SIGTERM/SIGINT."""
+    from dispatcher.config import controller_url, listen_url
+
+    from .app import build_app
+
+    url = listen_url(cfg, "Controller")
+    parts = urlsplit(url)
+    host = (parts.hostname or "127.0.0.1").strip("[]")
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    names = [host]
+    with contextlib.suppress(Exception):
+        ext = urlsplit(controller_url(cfg)).hostname
+        if ext:
+            names.append(ext)
+    ctx = tls_context(cfg, data_dir, names) if parts.scheme == "https" else None
+    if ctx is None:
+        log.warning("serving plain HTTP: the Arvados SDK needs HTTPS (put a TLS proxy in front)")
+
+    store = open_store(cfg, data_dir)
+    app = build_app(cfg, store, extra_setup)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, ssl_context=ctx, backlog=512)
+    await site.start()
+    log.info("controller listening", extra={"fields": {
+        "url": url, "listen": f"{host}:{port}", "data_directory": str(data_dir)}})
+    _sd_notify_ready()
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        log.info("controller shutting down")
+        await runner.cleanup()
+        store.close()
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point of ``crunchgate controller``."""
+    from dispatcher.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(args.config, args.cluster)
+    except (ConfigError, OSError) as exc:
+        print(f"crunchgate controller: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(cfg.system_logs.log_level, cfg.system_logs.format, cfg.cluster_id)
+    register_secret(cfg.system_root_token)
+    register_secret(cfg.management_token)
+    data_dir = data_directory(cfg, args.data)
+
+    if args.action == "add-user":
+        if not args.name:
+            print("crunchgate controller add-user: give a user NAME", file=sys.stderr)
+            return 2
+        try:
+            store = open_store(cfg, data_dir)
+            try:
+                _, token = store.create_user(args.name, is_admin=args.admin)
+            finally:
+                store.close()
+        except (ControllerError, OSError) as exc:
+            msg = exc.message if isinstance(exc, Unprocessable) else str(exc)
+            print(f"crunchgate controller add-user: {msg}", file=sys.stderr)
+            return 1
+        print(token)
+        return 0
+
+    if args.name:
+        print(f"crunchgate controller: unexpected argument {args.name!r}", file=sys.stderr)
+        return 2
+    if not cfg.system_root_token:
+        print(
+            f"crunchgate controller: Clusters.{cfg.cluster_id}.SystemRootToken is empty; set it "
+            "(dispatchers and crunch-run authenticate with it)",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        asyncio.run(serve(cfg, data_dir))
+    except (ConfigError, ControllerError, OSError, ssl.SSLError) as exc:
+        log.error("controller failed: %s", exc)
+        print(f"crunchgate controller: {exc}", file=sys.stderr)
+        return 1
+    return 0
