@@ -10,9 +10,9 @@ It only talks to LSF; the loop (:mod:`dispatcher.core.loop`) makes every decisio
   instance type``; the loop sets ``runtime_status.error`` and cancels), then bsub with the
   substituted ``BsubArgumentsList`` (+ ``BsubGPUArguments`` when GPUs are requested) and the job
   script on stdin. Rejections LSF will repeat ("Bad resource requirement syntax", "No such
-  queue", ...) are permanent; the rest transient. When bsub's answer was lost (timeout, no job
-  id) the backend looks for the job by name before reporting failure, so a job that was created
-  anyway is adopted, not submitted twice.
+  queue", ...) are permanent; the rest transient. After a transient failure (timeout, lost
+  reply, no job id, "not responding") the backend looks for the job by name before reporting
+  failure, so a job that was created anyway is adopted, not submitted twice.
 * :meth:`LsfBackend.cancel`: ``bkill <jobid>``; "Job has already finished" and "No matching job
   found" count as done.
 * :meth:`LsfBackend.scheduling_status`: LSF's pending reason, for
@@ -39,10 +39,6 @@ from dispatcher.lsf.commands import LsfCLI, LsfCommandError
 from dispatcher.lsf.parse import BkillOutcome, LsfJob, pending_reason_text
 
 log = get_logger("lsf")
-
-# bsub failures after which the job may exist although we got no job id.
-AMBIGUOUS_KINDS = ("timeout", "output")
-
 
 def _controller_url(cfg: ClusterConfig) -> str:
     try:
@@ -119,7 +115,9 @@ class LsfBackend(Backend):
         try:
             job_id = await self.cli.bsub(args, script, self.bsub_env)
         except LsfCommandError as exc:
-            if exc.kind in AMBIGUOUS_KINDS and await self._exists(uuid):
+            # Any failure that is not an outright rejection may have created the job anyway
+            # (a lost reply, a timeout, "not responding" after mbatchd accepted it).
+            if not exc.permanent and exc.kind != "not_found" and await self._exists(uuid):
                 log.warning("bsub for %s failed (%s) but the job exists: adopting it",
                             uuid, exc, extra=ctx)
                 return

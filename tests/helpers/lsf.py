@@ -92,6 +92,15 @@ class LsfSim:
     def jobs_named(self, name: str) -> list[dict[str, Any]]:
         return [j for j in self.jobs() if j["name"] == name]
 
+    def calls(self, command: str | None = None) -> list[dict[str, Any]]:
+        """Every simulator command run so far (``{"t", "command", "argv"}``), oldest first."""
+        try:
+            lines = (self.state_dir / "calls.jsonl").read_text().splitlines()
+        except FileNotFoundError:
+            return []
+        calls = [json.loads(ln) for ln in lines if ln]
+        return [c for c in calls if command is None or c["command"] == command]
+
     def script(self, job_id: str) -> str:
         return (self.state_dir / "jobs" / f"{job_id}.sh").read_text()
 

@@ -29,6 +29,7 @@ import fcntl
 import getpass
 import json
 import os
+import random
 import re
 import shlex
 import signal
@@ -139,6 +140,13 @@ def take_fault(sim_dir: Path, command: str) -> dict[str, Any] | None:
     """
     path = sim_dir / "faults" / f"{command}.json"
     if not path.exists():
+        return None
+    # "probability": p makes the fault fire at random (the reference's 10% flaky stub).
+    try:
+        p = json.loads(path.read_text() or "{}").get("probability")
+    except (OSError, ValueError):
+        p = None
+    if p is not None and random.random() >= float(p):
         return None
     with open(sim_dir / LOCK_FILE, "a+") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -764,6 +772,16 @@ def cmd_bkill(sim_dir: Path, argv: list[str]) -> int:
     return rc
 
 
+def log_call(sim_dir: Path, command: str, args: list[str]) -> None:
+    """Append this invocation to ``calls.jsonl`` (tests count and check the commands run)."""
+    line = json.dumps({"t": time.time(), "command": command, "argv": args}) + "\n"
+    fd = os.open(sim_dir / "calls.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line.encode())
+    finally:
+        os.close(fd)
+
+
 COMMANDS = {"bsub": cmd_bsub, "bjobs": cmd_bjobs, "bkill": cmd_bkill}
 
 
@@ -772,6 +790,7 @@ def main(command: str, argv: list[str] | None = None, state_dir: str | None = No
     args = sys.argv[1:] if argv is None else argv
     try:
         d = Path(state_dir) if state_dir else state_dir_for(sys.argv[0])
+        log_call(d, command, args)
         return COMMANDS[command](d, args)
     except SimError as e:
         sys.stderr.write(f"{e}\n")
