@@ -1,0 +1,178 @@
+"""LocalBackend against real processes: detached jobs, records that survive a restart, pid-reuse
+detection, SIGTERM cancel, the job-slot queue, and no secrets in job output."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from dispatcher.config import ClusterConfig
+from dispatcher.core.backend import Job
+from dispatcher.local.backend import MARKER_ENV, LocalBackend, _proc_stat
+from tests.helpers.core import core_run
+
+ROOT_TOKEN = "local-backend-test-root-token-0123456789"
+# A stand-in for crunch-run: records its UUID argument, stops on SIGTERM, or exits at once
+# when $CG_QUICK is set. $2 is the UUID ($1 is --runtime-engine=...).
+FAKE_CRUNCH_RUN = (
+    'echo "start $2 $1" >> "$CG_OUT"; '
+    '[ -n "$CG_QUICK" ] && exit 0; '
+    'trap \'echo "term $2" >> "$CG_OUT"; exit 143\' TERM; '
+    "while :; do sleep 0.05; done"
+)
+
+
+def uuid(n: int) -> str:
+    return f"zzzzz-dz642-{n:015d}"
+
+
+def wait_for(cond, timeout_s: float = 10.0):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = cond()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError("condition not met in time")
+
+
+@pytest.fixture
+def local_env(tmp_path):
+    cfg = ClusterConfig(cluster_id="zzzzz", system_root_token=ROOT_TOKEN)
+    cfg.containers.crunch_run_command = "/bin/sh"
+    cfg.containers.crunch_run_arguments_list = ["-c", FAKE_CRUNCH_RUN, "fake-crunch-run"]
+    cfg.containers.runtime_engine = "local"
+    out = tmp_path / "out.txt"
+    out.touch()
+    env = {"PATH": os.environ["PATH"], "CG_OUT": str(out), "ARVADOS_API_TOKEN": ROOT_TOKEN}
+    started: list[LocalBackend] = []
+
+    def make(**kw) -> LocalBackend:
+        be = LocalBackend(cfg, tmp_path / "state", job_env={**env, **kw.pop("env", {})}, **kw)
+        core_run(be.start())
+        started.append(be)
+        return be
+
+    yield cfg, make, out, tmp_path / "state" / "local-jobs"
+    # Stop every job process the test left behind, by the pids in our own records.
+    for path in (tmp_path / "state" / "local-jobs").glob("*.job"):
+        rec = json.loads(path.read_text())
+        if rec.get("pid") and _proc_stat(rec["pid"]) and rec.get("start_ticks") == _proc_stat(
+                rec["pid"])[1]:
+            os.kill(rec["pid"], signal.SIGKILL)
+
+
+def listed(be: LocalBackend) -> dict[str, Job]:
+    return core_run(be.list_jobs())
+
+
+def test_submit_runs_detached_job_and_cancel_sends_sigterm(local_env):
+    cfg, make, out, jobdir = local_env
+    be = make()
+    u = uuid(1)
+    core_run(be.submit({"uuid": u}))
+    jobs = listed(be)
+    assert jobs[u].state == "RUNNING" and not jobs[u].pending
+    pid = int(jobs[u].job_id)
+    assert os.getsid(pid) == pid  # its own session: survives the dispatcher
+    wait_for(lambda: f"start {u} --runtime-engine=local" in out.read_text())
+    script = jobdir / f"{u}.sh"
+    assert stat.S_IMODE(script.stat().st_mode) == 0o600
+    assert stat.S_IMODE(jobdir.stat().st_mode) == 0o700
+    assert script.read_text().startswith("#!/bin/sh\nGatewayAuthSecret='")
+    # submitting again is a no-op (job name = container UUID)
+    core_run(be.submit({"uuid": u}))
+    assert list(listed(be)) == [u]
+    core_run(be.cancel(u, jobs[u]))
+    wait_for(lambda: f"term {u}" in out.read_text())
+    wait_for(lambda: u not in listed(be))
+    assert not script.exists() and not (jobdir / f"{u}.job").exists()
+    log_text = (jobdir / f"{u}.log").read_text()
+    assert ROOT_TOKEN not in log_text and "GatewayAuthSecret" not in log_text
+
+
+def test_jobs_survive_a_new_backend_instance(local_env):
+    cfg, make, out, jobdir = local_env
+    first = make()
+    u = uuid(2)
+    core_run(first.submit({"uuid": u}))
+    pid = listed(first)[u].job_id
+    first._children.clear()  # noqa: SLF001 - as after a kill -9: no Popen object any more
+    second = make()
+    assert listed(second)[u].job_id == pid
+    core_run(second.cancel(u, None))
+    wait_for(lambda: u not in listed(second))
+
+
+def test_recycled_pid_is_not_our_job(local_env):
+    cfg, make, out, jobdir = local_env
+    be = make()
+    u = uuid(3)
+    sleeper = subprocess.Popen(["sleep", "30"])
+    try:
+        ticks = _proc_stat(sleeper.pid)[1]
+        (jobdir / f"{u}.job").write_text(json.dumps({"pid": sleeper.pid,
+                                                     "start_ticks": ticks - 1}))
+        assert u not in listed(be)
+        assert not (jobdir / f"{u}.job").exists()
+        # and cancel of such a record never signals the unrelated process
+        (jobdir / f"{u}.job").write_text(json.dumps({"pid": sleeper.pid,
+                                                     "start_ticks": ticks - 1}))
+        core_run(be.cancel(u, None))
+        assert sleeper.poll() is None
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_interrupted_launch_is_recovered_from_the_marker(local_env):
+    cfg, make, out, jobdir = local_env
+    be = make()
+    u = uuid(4)
+    env = {**os.environ, MARKER_ENV: u}
+    proc = subprocess.Popen(["sleep", "30"], env=env, start_new_session=True)
+    try:
+        (jobdir / f"{u}.job").write_text(json.dumps(
+            {"pid": 0, "launching": True, "launching_at": time.time() - 60}))
+        jobs = listed(be)
+        assert jobs[u].job_id == str(proc.pid) and jobs[u].state == "RUNNING"
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_job_slots_queue_pending_jobs_by_priority(local_env):
+    cfg, make, out, jobdir = local_env
+    be = make(max_jobs=1)
+    a, b, c = uuid(5), uuid(6), uuid(7)
+    core_run(be.submit({"uuid": a}))
+    core_run(be.submit({"uuid": b}))
+    core_run(be.submit({"uuid": c}))
+    jobs = listed(be)
+    assert jobs[a].state == "RUNNING"
+    assert jobs[b].pending and "free local job slot" in jobs[b].reason
+    assert be.scheduling_status(jobs[b]) == jobs[b].reason
+    core_run(be.set_priorities({b: 1, c: 2}, jobs))
+    core_run(be.cancel(a, jobs[a]))
+    wait_for(lambda: listed(be).get(c, Job(c)).state == "RUNNING")
+    assert listed(be)[b].pending
+    core_run(be.cancel(b, None))  # a pending job is just dropped
+    assert b not in listed(be)
+    core_run(be.cancel(c, None))
+    wait_for(lambda: not listed(be))
+
+
+def test_finished_job_is_forgotten(local_env):
+    cfg, make, out, jobdir = local_env
+    be = make(env={"CG_QUICK": "1"})
+    u = uuid(8)
+    core_run(be.submit({"uuid": u}))
+    wait_for(lambda: u not in listed(be))
+    assert f"start {u}" in out.read_text()
