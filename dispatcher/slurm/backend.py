@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
@@ -41,6 +42,10 @@ log = get_logger("slurm")
 #: How often one submit() tries sbatch when slurmctld is struggling, before giving the
 #: container back to the loop (which unlocks it and backs off).
 SUBMIT_ATTEMPTS = 3
+#: A lookup by name only proves that a lost sbatch did NOT create its job if it started this
+#: long after slurmctld came back (requests queued while it was frozen are processed as it
+#: resumes, possibly just after our first query).
+SETTLE_S = 2.0
 #: At most this many scontrol renice calls per poll: a freshly adopted queue of 10,000 jobs is
 #: reniced over several polls instead of in one burst.
 MAX_RENICE_PER_POLL = 2000
@@ -174,6 +179,11 @@ class SlurmBackend(Backend):
             raise SubmitFailed(str(exc), permanent=True) from None
         # ConstraintsNotSatisfiable propagates: the loop reports it with the type list.
         script = container_job_script(self.cfg, uuid, template="slurm")
+        if uuid in self._rows:
+            # The loop only submits containers whose job it did not see, but a job listed by
+            # our own last squeue must never get a twin.
+            log.info("job for %s already in the Slurm queue; not resubmitting", uuid, extra=ctx)
+            return
         last: SlurmCommandError | None = None
         for attempt in range(1, SUBMIT_ATTEMPTS + 1):
             if uuid in self._maybe_submitted:
@@ -211,17 +221,31 @@ class SlurmBackend(Backend):
         raise SubmitFailed(f"sbatch failed: {last}")
 
     async def _exists(self, name: str) -> bool:
-        """Is there a live job named ``name``? Unknown counts as yes-we-cannot-tell: raise."""
-        try:
-            out = await self.cli.squeue_name(name)
-        except SlurmCommandError as exc:
-            raise SubmitFailed(
-                f"cannot tell whether an earlier sbatch created the job ({exc}); "
-                "not resubmitting blind"
-            ) from None
-        rows, _ = parse.parse_squeue(out)
-        live, _ = parse.current_jobs(r for r in rows if r.name == name)
-        return name in live
+        """Is there a live job named ``name``? "Cannot tell" raises (never resubmit blind).
+
+        A "no" only counts from a query that started :data:`SETTLE_S` after slurmctld was last
+        seen coming back, so a request it processes as it resumes is not missed.
+        """
+        deadline = time.monotonic() + 10 * SETTLE_S + 2 * self.cli.timeout_s
+        while True:
+            started = time.monotonic()
+            try:
+                out = await self.cli.squeue_name(name)
+            except SlurmCommandError as exc:
+                raise SubmitFailed(
+                    f"cannot tell whether an earlier sbatch created the job ({exc}); "
+                    "not resubmitting blind"
+                ) from None
+            rows, _ = parse.parse_squeue(out)
+            live, _ = parse.current_jobs(r for r in rows if r.name == name)
+            if name in live:
+                return True
+            settled = started - self.cli.recovered_at
+            if settled >= SETTLE_S:
+                return False
+            if time.monotonic() > deadline:
+                raise SubmitFailed("slurmctld keeps failing; not resubmitting blind")
+            await asyncio.sleep(SETTLE_S - settled)
 
     # --- cancel -------------------------------------------------------------------------------
 

@@ -155,6 +155,10 @@ class SlurmCLI:
         )
         self.backoff = backoff or Backoff()
         self.metrics = SlurmMetrics(registry)
+        # When slurmctld last came back: the first success after a controller error or timeout.
+        # Requests sent while it was unresponsive may still be processed around that moment.
+        self.recovered_at = 0.0
+        self._failing = False
 
     async def _run(
         self,
@@ -182,6 +186,7 @@ class SlurmCLI:
             return await runner.run(argv, stdin=stdin, env=env, timeout_s=timeout_s)
         except CommandTimeout as exc:
             self.backoff.failure()
+            self._failing = True
             self.metrics.errors.labels(command, "timeout").inc()
             raise SlurmCommandError(
                 command, "timeout",
@@ -199,6 +204,7 @@ class SlurmCLI:
             kind = parse.error_kind(exc.stderr + "\n" + exc.stdout)
             if kind == "controller":
                 self.backoff.failure()
+                self._failing = True
             self.metrics.errors.labels(command, kind).inc()
             msg = parse.slurm_message(exc.stderr) or parse.slurm_message(exc.stdout)
             raise SlurmCommandError(
@@ -209,6 +215,9 @@ class SlurmCLI:
 
     def _ok(self) -> None:
         self.backoff.success()
+        if self._failing:
+            self._failing = False
+            self.recovered_at = time.monotonic()
 
     async def squeue(self) -> str:
         """One squeue for every job (including recently ended ones), in our format."""
