@@ -381,7 +381,7 @@ def _new_request_id() -> str:
 
 def _middlewares(registry: CollectorRegistry) -> list[Any]:
     duration = Histogram(
-        "request_duration_seconds",
+        "crunchgate_controller_request_duration_seconds",
         "Controller API request duration by route, method and status code.",
         ["route", "method", "code"],
         registry=registry,
@@ -444,45 +444,6 @@ def _middlewares(registry: CollectorRegistry) -> list[Any]:
     return [api_middleware]
 
 
-# --- health and metrics (until dispatcher.service provides them) --------------------------------
-
-
-def add_health_and_metrics(app: web.Application, cfg: Any, registry: CollectorRegistry) -> None:
-    """``/_health/ping`` and ``/metrics`` with the ManagementToken rules of reference 6.6.
-
-    Kept behind this one function so that it can be swapped for :mod:`dispatcher.service`.
-    """
-    from dispatcher.metrics import render
-
-    mgmt = getattr(cfg, "management_token", "") or ""
-    register_secret(mgmt)
-
-    def _authorized(request: web.Request) -> bool:
-        header = request.headers.get("Authorization", "")
-        scheme, _, rest = header.partition(" ")
-        return bool(mgmt) and scheme.lower() == "bearer" and secrets.compare_digest(rest.strip(), mgmt)
-
-    async def ping(request: web.Request) -> web.StreamResponse:
-        request["route"] = "health"
-        if not mgmt:
-            return json_response({"health": "ERROR", "error": "disabled"}, status=404)
-        if not _authorized(request):
-            return json_response({"health": "ERROR", "error": "authorization required"}, status=401)
-        return json_response({"health": "OK"})
-
-    async def metrics(request: web.Request) -> web.StreamResponse:
-        request["route"] = "metrics"
-        if mgmt and not _authorized(request):
-            return web.Response(status=401, text="authorization required\n")
-        body, ctype = render(registry)
-        resp = web.Response(body=body)
-        resp.headers["Content-Type"] = ctype
-        return resp
-
-    app.router.add_get("/_health/ping", ping)
-    app.router.add_get("/metrics", metrics)
-
-
 # --- the application ----------------------------------------------------------------------------
 
 
@@ -501,21 +462,26 @@ def build_app(
     extra_setup: Iterable[Callable[[web.Application], None]] = (),
     *,
     registry: CollectorRegistry | None = None,
+    config_path: str | None = None,
 ) -> web.Application:
     """The controller application: API routes, discovery, health, metrics, then each
     ``extra_setup(app)`` (which may add routes, middlewares, startup hooks)."""
     from dispatcher.metrics import new_registry
+    from dispatcher.service import create_service_app
 
     registry = registry if registry is not None else new_registry()
     max_size = getattr(getattr(cfg, "api", None), "max_request_size", 134217728)
-    app = web.Application(middlewares=_middlewares(registry), client_max_size=max_size)
+    # The service wrapper serves /_health/ping, /metrics(.json) and request ids.
+    app = create_service_app(
+        cfg, "Controller", registry, middlewares=_middlewares(registry),
+        client_max_size=max_size, config_path=config_path,
+    )
     app[STORE_KEY] = store
     app[CONFIG_KEY] = cfg
     app[REGISTRY_KEY] = registry
     app[LISTENERS_KEY] = []
     register_secret(getattr(cfg, "system_root_token", None))
     add_api_routes(app)
-    add_health_and_metrics(app, cfg, registry)
 
     async def _wire_listeners(app: web.Application) -> None:
         import asyncio

@@ -16,15 +16,11 @@ import asyncio
 import contextlib
 import logging
 import os
-import signal
-import socket
 import ssl
 import sys
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
-
-from aiohttp import web
 
 from dispatcher.logs import register_secret, setup_logging
 
@@ -85,20 +81,12 @@ def tls_context(cfg: Any, data_dir: Path, hostnames: list[str]) -> ssl.SSLContex
     return ctx
 
 
-def _sd_notify_ready() -> None:
-    addr = os.environ.get("NOTIFY_SOCKET")
-    if not addr:
-        return
-    if addr.startswith("@"):
-        addr = "\0" + addr[1:]
-    with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-        s.connect(addr)
-        s.sendall(b"READY=1")
-
-
-async def serve(cfg: Any, data_dir: Path, *, extra_setup: tuple[Any, ...] = ()) -> None:
+async def serve(
+    cfg: Any, data_dir: Path, *, extra_setup: tuple[Any, ...] = (), config_path: str | None = None
+) -> None:
     """Run the controller until SIGTERM/SIGINT."""
     from dispatcher.config import controller_url, listen_url
+    from dispatcher.service import run_service
 
     from .app import build_app
 
@@ -116,30 +104,19 @@ async def serve(cfg: Any, data_dir: Path, *, extra_setup: tuple[Any, ...] = ()) 
         log.warning("serving plain HTTP: the Arvados SDK needs HTTPS (put a TLS proxy in front)")
 
     store = open_store(cfg, data_dir)
-    app = build_app(cfg, store, extra_setup)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
-    await runner.setup()
-    site = web.TCPSite(runner, host, port, ssl_context=ctx, backlog=512)
-    await site.start()
-    log.info("controller listening", extra={"fields": {
-        "url": url, "listen": f"{host}:{port}", "data_directory": str(data_dir)}})
-    _sd_notify_ready()
-
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     try:
-        await stop.wait()
+        app = build_app(cfg, store, extra_setup, config_path=config_path)
+        log.info("controller starting", extra={"fields": {
+            "url": url, "listen": f"{host}:{port}", "data_directory": str(data_dir)}})
+        await run_service(app, host, port, ssl_context=ctx)
     finally:
-        log.info("controller shutting down")
-        await runner.cleanup()
         store.close()
 
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``crunchgate controller``."""
     from dispatcher.config import ConfigError, load_config
+    from dispatcher.service import ServiceError
 
     try:
         cfg = load_config(args.config, args.cluster)
@@ -179,8 +156,8 @@ def run(args: argparse.Namespace) -> int:
         )
         return 2
     try:
-        asyncio.run(serve(cfg, data_dir))
-    except (ConfigError, ControllerError, OSError, ssl.SSLError) as exc:
+        asyncio.run(serve(cfg, data_dir, config_path=args.config))
+    except (ConfigError, ControllerError, ServiceError, OSError, ssl.SSLError) as exc:
         log.error("controller failed: %s", exc)
         print(f"crunchgate controller: {exc}", file=sys.stderr)
         return 1
