@@ -31,6 +31,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from dispatcher.config import ClusterConfig
+from dispatcher.config import controller_url as config_controller_url
 from dispatcher.core import sizing
 from dispatcher.core.backend import Backend, CancelFailed, Job, QueryFailed, SubmitFailed
 from dispatcher.logs import get_logger, register_secret
@@ -39,15 +40,6 @@ from dispatcher.lsf.commands import LsfCLI, LsfCommandError
 from dispatcher.lsf.parse import BkillOutcome, LsfJob, pending_reason_text
 
 log = get_logger("lsf")
-
-def _controller_url(cfg: ClusterConfig) -> str:
-    try:
-        from dispatcher.config import controller_url  # type: ignore[attr-defined]
-
-        return str(controller_url(cfg))
-    except ImportError:  # config loader helpers not available: fall back to ExternalURL
-        return cfg.services.controller.external_url
-
 
 def to_job(lj: LsfJob) -> Job:
     """A bjobs record as the loop's :class:`Job`."""
@@ -78,7 +70,7 @@ class LsfBackend(Backend):
             env=env,
             registry=registry,
         )
-        url = controller_url if controller_url is not None else _controller_url(cfg)
+        url = controller_url if controller_url is not None else config_controller_url(cfg)
         self.bsub_env = bsubargs.bsub_environment(cfg, url)
 
     async def list_jobs(self) -> dict[str, Job]:
