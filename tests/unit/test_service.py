@@ -257,3 +257,62 @@ def test_run_service_port_in_use_is_clear_error() -> None:
         app = create_service_app(management_token=TOKEN)
         with pytest.raises(ServiceError, match=f"cannot listen on 127.0.0.1:{port}"):
             asyncio.run(run_service(app, "127.0.0.1", port, stop=asyncio.Event()))
+
+
+SIGTERM_SCRIPT = r"""
+import asyncio, sys
+from dispatcher.service import bound_addresses, create_service_app, run_service
+
+async def main():
+    app = create_service_app(management_token="tok-0123456789")
+    ready = asyncio.Event()
+    task = asyncio.create_task(run_service(app, "127.0.0.1", 0, ready=ready))
+    await ready.wait()
+    print(bound_addresses(app)[0][1], flush=True)
+    await task
+    print("stopped", flush=True)
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_run_service_stops_cleanly_on_signal(sig: str) -> None:
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    proc = subprocess.Popen([sys.executable, "-c", SIGTERM_SCRIPT], cwd=repo,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        port = int(proc.stdout.readline())
+        with socket.create_connection(("127.0.0.1", port), timeout=10):
+            pass  # it is listening
+        proc.send_signal(getattr(signal, sig))
+        out, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, err
+        assert out.strip() == "stopped"
+        with socket.socket() as s:
+            assert s.connect_ex(("127.0.0.1", port)) != 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_request_id_available_to_handlers() -> None:
+    from dispatcher.service import request_id_of
+
+    app = create_service_app(management_token=TOKEN)
+
+    async def echo(request: web.Request) -> web.Response:
+        return web.Response(text=request_id_of(request))
+
+    app.router.add_get("/rid", echo)
+    (_, given, _), (_, generated, headers) = gets(
+        app, ("/rid", {"X-Request-Id": "req-mine"}), ("/rid", None))
+    assert given == "req-mine"
+    assert generated.startswith("req-") and headers["X-Request-Id"] == generated
