@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -155,8 +155,12 @@ def _dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), sort_keys=False)
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
 def _time_ms(ts: str) -> int:
-    return int(datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp() * 1000)
+    """Stored timestamp → epoch milliseconds, exactly (no float rounding)."""
+    return (datetime.fromisoformat(ts.replace("Z", "+00:00")) - _EPOCH) // timedelta(milliseconds=1)
 
 
 _TYPE_CHECKS: dict[str, Callable[[Any], bool]] = {
