@@ -30,7 +30,7 @@ import socket
 import ssl
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -38,7 +38,7 @@ from urllib.parse import urlsplit
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Histogram
 
-from dispatcher.config import ClusterConfig, ConfigError, listen_url
+from dispatcher.config import ClusterConfig, ConfigError, controller_url, listen_url
 from dispatcher.logs import redact, register_secret
 from dispatcher.metrics import install_standard_metrics, new_registry, render, render_json
 
@@ -266,6 +266,33 @@ def tls_context_from_config(cfg: ClusterConfig) -> ssl.SSLContext:
     return ctx
 
 
+def environment_warnings(cfg: ClusterConfig, env: Mapping[str, str] | None = None) -> list[str]:
+    """Warnings for ``ARVADOS_API_*`` variables that disagree with the config (they are not
+    used by services; an operator who set them probably expects otherwise). Never shows tokens."""
+    env = os.environ if env is None else env
+    out: list[str] = []
+    host = env.get("ARVADOS_API_HOST")
+    if host:
+        try:
+            want = urlsplit(controller_url(cfg)).netloc
+        except ConfigError:
+            want = ""
+        given = urlsplit(host).netloc if "//" in host else host
+        if want and given != want:
+            out.append(f"ARVADOS_API_HOST={host} differs from Services.Controller ({want}); "
+                       "the config is used")
+    token = env.get("ARVADOS_API_TOKEN")
+    if token and token != cfg.system_root_token:
+        out.append("ARVADOS_API_TOKEN differs from SystemRootToken; SystemRootToken is used")
+    insecure = env.get("ARVADOS_API_HOST_INSECURE")
+    if insecure:
+        flag = insecure.strip().lower() in ("1", "true", "yes", "on")
+        if flag != cfg.tls.insecure:
+            out.append(f"ARVADOS_API_HOST_INSECURE={insecure} differs from TLS.Insecure "
+                       f"({str(cfg.tls.insecure).lower()}); the config is used")
+    return out
+
+
 def _strip_file_url(value: str) -> str:
     return value[len("file://"):] if value.startswith("file://") else value
 
@@ -300,6 +327,8 @@ async def run_service(
     """
     if isinstance(host, ClusterConfig):
         cfg, service = host, str(port)
+        for warning in environment_warnings(cfg):
+            log.warning(warning)
         try:
             bind_host, bind_port, tls = listen_address(cfg, service)
         except ConfigError as exc:

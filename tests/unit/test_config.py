@@ -587,3 +587,85 @@ def test_controller_url() -> None:
     assert controller_url(cfg) == "http://127.0.0.1:8003"
     with pytest.raises(ConfigError, match="Services.Controller: no ExternalURL"):
         controller_url(ClusterConfig())
+
+
+# --- the walker as a whole: any valid value of every leaf key round-trips -----------------------
+
+def _leaf_strategies() -> dict[tuple[str, ...], st.SearchStrategy[Any]]:
+    """Every scalar/list/map key of ClusterConfig (Arvados path) -> a strategy of valid values."""
+    import dataclasses
+    import typing
+
+    from dispatcher import config as C
+
+    names = st.text("abcdefghijklmnopqrstuvwxyz0123456789-_", min_size=1, max_size=8)
+    text = st.text(max_size=12)
+    out: dict[tuple[str, ...], st.SearchStrategy[Any]] = {}
+    constrained: dict[str, st.SearchStrategy[Any]] = {
+        "RuntimeEngine": st.sampled_from(C.RUNTIME_ENGINES),
+        "Format": st.sampled_from(C.LOG_FORMATS),
+        "LogLevel": st.sampled_from(C.LOG_LEVELS),
+        "SupervisorFraction": st.floats(0, 1),
+        "ExternalURL": st.sampled_from(["", "https://ctrl.example:8000", "http://127.0.0.1"]),
+    }
+
+    def walk(cls: type, prefix: tuple[str, ...]) -> None:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if "arv" not in f.metadata or f.name == "instance_types":
+                continue
+            path, tp, kind = (*prefix, f.metadata["arv"]), hints[f.name], f.metadata["kind"]
+            if f.metadata["arv"] in ("InternalURLs", "ExternalPortMin", "ExternalPortMax"):
+                continue
+            if f.metadata["arv"] in constrained:
+                out[path] = constrained[f.metadata["arv"]]
+            elif kind == "duration":
+                out[path] = st.integers(0, 10**6).map(lambda n: C.format_duration(n))
+            elif kind == "bytesize":
+                out[path] = st.integers(0, 2**50).map(C.format_bytesize)
+            elif kind == "opaque":
+                out[path] = st.dictionaries(names, text, max_size=3)
+            elif dataclasses.is_dataclass(tp):
+                walk(tp, path)
+            elif tp is bool:
+                out[path] = st.booleans()
+            elif tp is int:
+                out[path] = st.integers(0, 2**31)
+            elif tp is float:
+                out[path] = st.floats(0, 1e6, allow_nan=False)
+            elif tp is str:
+                out[path] = text
+            elif typing.get_origin(tp) is list:
+                out[path] = st.lists(text, max_size=4)
+            elif typing.get_origin(tp) is dict:
+                out[path] = st.dictionaries(names.filter(lambda k: k != "SAMPLE"), text,
+                                            max_size=3)
+            else:
+                raise AssertionError(f"no strategy for {path} {tp}")
+
+    walk(ClusterConfig, ())
+    return out
+
+
+_LEAVES = _leaf_strategies()
+
+
+@given(st.data())
+def test_any_valid_config_round_trips(data: st.DataObject) -> None:
+    chosen = data.draw(st.sets(st.sampled_from(sorted(_LEAVES)), max_size=25))
+    body: dict[str, Any] = {}
+    for path in chosen:
+        node = body
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = data.draw(_LEAVES[path])
+    cfg = cluster(body)
+    again = cluster(to_arvados_dict(cfg, redact_secrets=False))
+    assert again == cfg
+
+
+def test_leaf_strategies_cover_the_config() -> None:
+    # Guard for the property test above: it must see (nearly) every key.
+    assert len(_LEAVES) > 100
+    assert ("Containers", "CloudVMs", "TimeoutTERM") in _LEAVES
+    assert ("Crunchgate", "SubmitConcurrency") in _LEAVES

@@ -316,3 +316,21 @@ def test_request_id_available_to_handlers() -> None:
         app, ("/rid", {"X-Request-Id": "req-mine"}), ("/rid", None))
     assert given == "req-mine"
     assert generated.startswith("req-") and headers["X-Request-Id"] == generated
+
+
+def test_environment_warnings_never_show_tokens() -> None:
+    from dispatcher.service import environment_warnings
+
+    cfg = parse_config({"Clusters": {"zzzzz": {
+        "SystemRootToken": "root-token-abcdefgh",
+        "Services": {"Controller": {"ExternalURL": "https://127.0.0.1:8000"}},
+    }}})
+    assert environment_warnings(cfg, {}) == []
+    same = {"ARVADOS_API_HOST": "127.0.0.1:8000", "ARVADOS_API_TOKEN": "root-token-abcdefgh",
+            "ARVADOS_API_HOST_INSECURE": "false"}
+    assert environment_warnings(cfg, same) == []
+    other = {"ARVADOS_API_HOST": "other:443", "ARVADOS_API_TOKEN": "user-token-zyxwvuts",
+             "ARVADOS_API_HOST_INSECURE": "1"}
+    warnings = environment_warnings(cfg, other)
+    assert len(warnings) == 3
+    assert not any("user-token" in w or "root-token" in w for w in warnings)
