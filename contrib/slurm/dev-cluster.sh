@@ -19,7 +19,7 @@
 # Cluster layout:
 #   n1, n2   CPUs=4   RealMemory=8000   TmpDisk=20000   Features=instancetype=small
 #   n3, n4   CPUs=16  RealMemory=64000  TmpDisk=100000  Features=instancetype=large  Gres=gpu:2
-#   partitions: compute (default, n[1-4]), big (n[3-4]), and parked (n1, State=DOWN: jobs queue
+#   partitions: compute (default, n[1-4]), big (n[3-4]), and parked (n[1-4], State=DOWN: jobs queue
 #   there with a real priority but never start -- the benchmark's steady-state queue)
 # Resources are overstated on purpose (SlurmdParameters=config_overrides): the host has 2 cores.
 # Priority: priority/multifactor with only a partition weight, so priority = weight - nice and
@@ -182,7 +182,7 @@ NodeName=n3 NodeHostname=localhost NodeAddr=127.0.0.1 Port=$((PORT + 3)) CPUs=16
 NodeName=n4 NodeHostname=localhost NodeAddr=127.0.0.1 Port=$((PORT + 4)) CPUs=16 RealMemory=64000 TmpDisk=100000 Features=instancetype=large $gres State=UNKNOWN
 PartitionName=compute Nodes=n[1-4] Default=YES MaxTime=INFINITE State=UP
 PartitionName=big Nodes=n[3-4] MaxTime=INFINITE State=UP
-PartitionName=parked Nodes=n1 MaxTime=INFINITE State=DOWN
+PartitionName=parked Nodes=n[1-4] MaxTime=INFINITE State=DOWN
 EOF
     if cmp -s "$CONF.new" "$CONF"; then rm -f "$CONF.new"; return 1; fi
     mv "$CONF.new" "$CONF"
