@@ -37,6 +37,8 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from dispatcher.logs import register_secret
+
 MiB = 1 << 20
 GiB = 1 << 30
 
@@ -336,6 +338,7 @@ class CrunchgateConfig:
 # knows (but crunchgate has no use for) are not "unknown". Anything else is a typo and an error.
 
 _ACCEPTED_UNUSED: dict[type, frozenset[str]] = {
+    ClusterConfig: frozenset({"StorageClasses"}),
     Services: frozenset({"SSO", "Nodemanager", "SAMPLE"}),
     APIConfig: frozenset({
         "MaxTokenLifetime", "MaxKeepBlobBuffers", "DisabledAPIs",
@@ -343,6 +346,7 @@ _ACCEPTED_UNUSED: dict[type, frozenset[str]] = {
         "WebsocketClientEventQueue", "WebsocketServerEventQueue", "KeepServiceRequestTimeout",
         "VocabularyPath", "FreezeProjectRequiresDescription", "FreezeProjectRequiresProperties",
         "UnfreezeProjectRequiresAdmin", "LockBeforeUpdate", "RailsSessionSecretToken",
+        "LogCreateRequestFraction",
     }),
     ContainersConfig: frozenset({
         "MaxComputeVMs", "DefaultKeepCacheDisk", "Singularity", "CloudVMsDriver",
@@ -360,6 +364,10 @@ _ACCEPTED_UNUSED: dict[type, frozenset[str]] = {
 _RENAMED: dict[type, dict[str, str]] = {
     LSFConfig: {"BsubCUDAArguments": "BsubGPUArguments"},
 }
+
+# Keys whose values are secrets: never quoted in error messages, registered for log redaction.
+SECRET_KEYS = frozenset({"SystemRootToken", "ManagementToken", "BlobSigningKey",
+                         "DispatchPrivateKey"})
 
 CLUSTER_ID_RE = re.compile(r"^[a-z0-9]{5}$")
 RUNTIME_ENGINES = ("docker", "singularity", "local")
@@ -594,8 +602,16 @@ class _Loader:
                 raise _unknown_key(path, name, fields)
             if value is None:
                 continue  # "Key:" with nothing after it keeps the default, as in Arvados
-            kwargs[f.name] = self.value(hints[f.name], f.metadata.get("kind"), value,
-                                        f"{path}.{name}")
+            try:
+                kwargs[f.name] = self.value(hints[f.name], f.metadata.get("kind"), value,
+                                            f"{path}.{name}")
+            except ConfigError:
+                if name not in SECRET_KEYS:
+                    raise
+                # The usual message quotes the value: never for a secret.
+                raise ConfigError(
+                    f"{path}.{name}: expected a string (value not shown: it is a secret)"
+                ) from None
         return cls(**kwargs)
 
     def value(self, tp: Any, kind: str | None, value: Any, path: str) -> Any:
@@ -758,6 +774,9 @@ def parse_config(data: Any, cluster_id: str | None = None) -> ClusterConfig:
     cfg.instance_types = loader.instance_types(
         instance_types_raw, f"{path}.InstanceTypes", cfg.containers.preemptible_price_factor
     )
+    for secret in (cfg.system_root_token, cfg.management_token, cfg.blob_signing_key,
+                   cfg.containers.dispatch_private_key):
+        register_secret(secret)
     _validate(cfg, path)
     cfg.warnings = loader.warnings
     return cfg

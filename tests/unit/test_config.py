@@ -669,3 +669,19 @@ def test_leaf_strategies_cover_the_config() -> None:
     assert len(_LEAVES) > 100
     assert ("Containers", "CloudVMs", "TimeoutTERM") in _LEAVES
     assert ("Crunchgate", "SubmitConcurrency") in _LEAVES
+
+
+@pytest.mark.parametrize("key", ["SystemRootToken", "ManagementToken"])
+def test_wrong_type_of_secret_does_not_echo_it(key: str) -> None:
+    msg = error_of({key: 98765432109876543210})
+    assert msg.startswith(f"Clusters.zzzzz.{key}: expected a string")
+    assert "98765432109876543210" not in msg
+
+
+def test_loaded_tokens_are_registered_for_redaction() -> None:
+    from dispatcher.logs import redact
+
+    token = "v2/zzzzz-gj3su-000000000000000/registeredsecretvalue123"
+    cluster({"SystemRootToken": token, "ManagementToken": "mgmt-registered-abcdef"})
+    assert "registeredsecretvalue123" not in redact(f"token is {token}")
+    assert "mgmt-registered-abcdef" not in redact("mgmt-registered-abcdef")
