@@ -1,0 +1,1 @@
+"""The user side of a container shell: ``crunchgate connect-ssh`` and ``crunchgate shell``."""

@@ -1,0 +1,716 @@
+"""The tunnel wire protocol, sans I/O: bytes in, events out, on top of ``h2``.
+
+A tunnel is one TLS connection from crunch-run (the *agent*) to a controller (the *broker*):
+
+1. The agent sends an HTTP/1.1 request (:func:`build_tunnel_request`)::
+
+       POST /arvados/v1/connect/<uuid>/gateway_tunnel HTTP/1.1
+       Upgrade: tunnel-h2
+       Connection: Upgrade
+       Content-Type: application/x-www-form-urlencoded
+
+       auth_secret=<hex HMAC-SHA256(SystemRootToken, uuid)>
+
+2. The broker answers ``101 Switching Protocols`` with ``X-Arvados-Internal-Url: <its URL>``.
+3. From then on the roles are reversed: the broker is the HTTP/2 *client* and opens one
+   ``CONNECT`` stream per shell or port connection (``:authority`` is the target, see
+   :data:`SSH_TARGET`); the agent is the HTTP/2 *server* and answers ``:status 200`` (the stream
+   is then an opaque bidirectional byte pipe) or a refusal status with an ``x-reason`` header.
+
+Beyond plain h2 this module adds what the measurements in ``tunnel-performance.md`` asked for:
+
+* Flow-control windows and frame sizes from :class:`TunnelSettings` (h2's 64 KiB defaults cost
+  80% of the throughput); both ``local_settings`` *and* ``max_inbound_frame_size`` are set,
+  because h2 caches the latter at construction (python-hyper/h2#1288).
+* Outbound data is queued per stream inside this object and released by :meth:`pump` under a
+  byte budget chosen by the I/O layer, round-robin across streams. A write to an idle stream
+  (a keystroke, a small request) skips the queue, so a bulk transfer on one stream does not put
+  its whole window in front of it.
+* An application PING whose acknowledgement carries the caller's send time
+  (:class:`PingAcked`), so the I/O layer measures the round trip and enforces a deadline.
+* A graceful *drain* notice (GOAWAY, ``NO_ERROR``, last stream ``2**31-1``, debug data
+  ``reconnect``): RFC 9113 section 6.8's first phase. The agent answers by dialling a new tunnel
+  while streams in flight finish on the old one. h2 treats any GOAWAY as terminal, so the notice
+  is written as a raw frame and intercepted on receipt (:class:`_DrainAwareH2`).
+
+No sockets, clocks or sleeps here: callers pass the time where one is needed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import struct
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qsl, quote
+
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import h2.exceptions
+import h2.settings
+import hyperframe.frame
+
+from tunnel.errors import TunnelError
+
+UPGRADE_TOKEN = "tunnel-h2"
+INTERNAL_URL_HEADER = "X-Arvados-Internal-Url"
+SSH_TARGET = "ssh.gateway:22"
+"""``:authority`` of a stream that lands on the gateway's SSH server."""
+PORT_TARGET_HOST = "container"
+"""Streams for ``container:<port>`` go to that port inside the container."""
+DRAIN_DEBUG_DATA = b"reconnect"
+MAX_STREAM_ID = 2**31 - 1
+REASON_HEADER = "x-reason"
+
+
+def _short_raw_data_repr(data: bytes | None) -> str:
+    # hyperframe hexlifies a whole DATA payload to show 20 characters of it, and h2 calls repr()
+    # on every received frame even when nobody logs it: 35% of the receiver's CPU at 1 MiB
+    # frames (tunnel-performance.md section 3). Look at the first 10 bytes only.
+    if not data:
+        return "None"
+    head = bytes(data[:10]).hex()
+    return "<hex:" + head + ("..." if len(data) > 10 else "") + ">"
+
+
+hyperframe.frame._raw_data_repr = _short_raw_data_repr  # type: ignore[attr-defined]
+
+
+class TunnelProtocolError(TunnelError):
+    """The peer broke the tunnel protocol (bad handshake, bad frames, unknown stream)."""
+
+    status = 502
+
+
+# --- handshake ------------------------------------------------------------------------------------
+
+
+def gateway_auth_secret(system_root_token: str, container_uuid: str) -> str:
+    """hex HMAC-SHA256(key=SystemRootToken, msg=container UUID), as every dispatcher computes it."""
+    return hmac.new(system_root_token.encode(), container_uuid.encode(), hashlib.sha256).hexdigest()
+
+
+def check_auth_secret(system_root_token: str, container_uuid: str, given: str) -> bool:
+    """Constant-time check of a tunnel registration secret. Empty root token never matches."""
+    if not system_root_token or not given:
+        return False
+    want = gateway_auth_secret(system_root_token, container_uuid)
+    return hmac.compare_digest(want.encode(), given.strip().lower().encode())
+
+
+def tunnel_path(container_uuid: str) -> str:
+    """The registration path (the ``/connect/`` form, as crunch-run uses)."""
+    return f"/arvados/v1/connect/{container_uuid}/gateway_tunnel"
+
+
+def build_tunnel_request(host: str, container_uuid: str, auth_secret: str,
+                         token: str = "") -> bytes:
+    """The agent's HTTP/1.1 upgrade request; ``host`` is the ``Host`` header value."""
+    body = ("auth_secret=" + quote(auth_secret, safe="")).encode()
+    lines = [
+        f"POST {tunnel_path(container_uuid)} HTTP/1.1",
+        f"Host: {host}",
+        f"Upgrade: {UPGRADE_TOKEN}",
+        "Connection: Upgrade",
+        "Content-Type: application/x-www-form-urlencoded",
+        f"Content-Length: {len(body)}",
+    ]
+    if token:
+        lines.append(f"Authorization: Bearer {token}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+def build_upgrade_request(host: str, path: str, upgrade: str, token: str,
+                          form: dict[str, str], extra_headers: dict[str, str] | None = None
+                          ) -> bytes:
+    """A generic ``POST`` + ``Upgrade`` request with a form body (shell and C1->C2 use it)."""
+    body = "&".join(f"{quote(k, safe='')}={quote(v, safe='')}" for k, v in form.items()).encode()
+    lines = [
+        f"POST {path} HTTP/1.1",
+        f"Host: {host}",
+        f"Upgrade: {upgrade}",
+        "Connection: Upgrade",
+        "Content-Type: application/x-www-form-urlencoded",
+        f"Content-Length: {len(body)}",
+    ]
+    if token:
+        lines.append(f"Authorization: Bearer {token}")
+    for k, v in (extra_headers or {}).items():
+        lines.append(f"{k}: {v}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+def parse_form(body: bytes) -> dict[str, str]:
+    """An ``application/x-www-form-urlencoded`` body as a dict (last value wins)."""
+    return dict(parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True))
+
+
+@dataclass
+class HttpResponseHead:
+    """Status line and headers of an HTTP/1.1 response (header names lower-cased)."""
+
+    status: int
+    reason: str
+    headers: dict[str, str]
+    raw: bytes
+
+    def header(self, name: str, default: str = "") -> str:
+        return self.headers.get(name.lower(), default)
+
+
+class ResponseHeadParser:
+    """Incremental parser for an HTTP/1.1 response head (the 101, or an error).
+
+    ``feed(data)`` returns ``None`` until the blank line arrives, then the head; the bytes after
+    it (already part of the upgraded protocol, or the error body) are in ``rest``.
+    """
+
+    MAX_HEAD = 64 * 1024
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self.rest = b""
+        self.head: HttpResponseHead | None = None
+
+    def feed(self, data: bytes) -> HttpResponseHead | None:
+        if self.head is not None:
+            self.rest += data
+            return self.head
+        self._buf += data
+        end = self._buf.find(b"\r\n\r\n")
+        if end < 0:
+            if len(self._buf) > self.MAX_HEAD:
+                raise TunnelProtocolError("response head too long")
+            return None
+        raw = bytes(self._buf[: end + 4])
+        self.rest = bytes(self._buf[end + 4:])
+        self._buf.clear()
+        self.head = parse_response_head(raw)
+        return self.head
+
+
+def parse_response_head(raw: bytes) -> HttpResponseHead:
+    """Parse ``HTTP/1.1 101 Switching Protocols\\r\\nName: value\\r\\n...``."""
+    text = raw.decode("latin-1")
+    lines = text.split("\r\n")
+    parts = lines[0].split(" ", 2)
+    if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
+        raise TunnelProtocolError(f"not an HTTP/1.1 response: {lines[0][:80]!r}")
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        if not line:
+            continue
+        name, sep, value = line.partition(":")
+        if not sep:
+            raise TunnelProtocolError(f"bad response header line: {line[:80]!r}")
+        headers[name.strip().lower()] = value.strip()
+    return HttpResponseHead(int(parts[1]), parts[2] if len(parts) > 2 else "", headers, raw)
+
+
+# --- settings -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TunnelSettings:
+    """Flow control, frame size and liveness settings of one tunnel (both ends).
+
+    The defaults were chosen by measurement on a 2-core machine (``bench/tunnel.py`` and
+    ``tunnel-performance.md``): throughput stops improving at about a 1 MiB stream window and
+    64 KiB frames, while the delay a small request sees behind a bulk transfer grows with the
+    window; :meth:`TunnelProtocol.pump` keeps the queue ahead of it short instead.
+    """
+
+    stream_window_bytes: int = 1 << 20
+    connection_window_bytes: int = 16 << 20
+    max_frame_bytes: int = 64 << 10
+    max_concurrent_streams: int = 256
+    # A write of at most this size to a stream with nothing queued bypasses the pump budget.
+    interactive_write_bytes: int = 16 << 10
+    ping_interval_s: float = 15.0
+    ping_timeout_s: float = 20.0
+
+
+# --- events ---------------------------------------------------------------------------------------
+
+
+class Event:
+    """Base class of everything :meth:`TunnelProtocol.receive_data` returns."""
+
+
+@dataclass
+class StreamRequested(Event):
+    """(agent) The broker opened a stream to ``target`` (``host:port``)."""
+
+    stream_id: int
+    target: str
+    headers: dict[str, str]
+
+
+@dataclass
+class StreamAccepted(Event):
+    """(broker) The agent connected the stream to its target."""
+
+    stream_id: int
+
+
+@dataclass
+class StreamRefused(Event):
+    """(broker) The agent could not connect the stream; ``reason`` is for the user."""
+
+    stream_id: int
+    status: int
+    reason: str
+
+
+@dataclass
+class DataReceived(Event):
+    """Bytes for a stream. Call :meth:`TunnelProtocol.acknowledge` once they are consumed."""
+
+    stream_id: int
+    data: bytes
+    flow_controlled_length: int
+
+
+@dataclass
+class StreamEnded(Event):
+    """The peer will send nothing more on this stream (half-close)."""
+
+    stream_id: int
+
+
+@dataclass
+class StreamReset(Event):
+    """The stream is gone (peer reset, or refused); discard its state."""
+
+    stream_id: int
+    error_code: int
+
+
+@dataclass
+class StreamClosed(Event):
+    """Both directions of the stream have ended normally."""
+
+    stream_id: int
+
+
+@dataclass
+class PingAcked(Event):
+    """The peer answered our PING; ``sent_at`` is the time given to :meth:`send_ping`."""
+
+    sent_at: float
+
+
+@dataclass
+class DrainRequested(Event):
+    """(agent) The broker is going away: dial a new tunnel, let current streams finish."""
+
+    reason: str
+
+
+@dataclass
+class ConnectionTerminated(Event):
+    """The peer closed the tunnel (GOAWAY). Everything on it is over."""
+
+    error_code: int
+    reason: str
+
+
+# --- the h2 subclass that understands a drain notice ---------------------------------------------
+
+
+class _DrainAwareH2(h2.connection.H2Connection):
+    """H2Connection that reports a drain-phase GOAWAY instead of closing the connection."""
+
+    def __init__(self, config: h2.config.H2Configuration) -> None:
+        super().__init__(config=config)
+        self.drain_notices: list[str] = []
+        self._frame_dispatch_table[hyperframe.frame.GoAwayFrame] = self._goaway_or_drain
+
+    def _goaway_or_drain(self, frame: hyperframe.frame.GoAwayFrame) -> tuple[list[Any], list[Any]]:
+        if (frame.error_code == 0 and frame.last_stream_id == MAX_STREAM_ID
+                and frame.additional_data == DRAIN_DEBUG_DATA):
+            self.drain_notices.append(frame.additional_data.decode())
+            return [], []
+        return self._receive_goaway_frame(frame)
+
+
+# --- the protocol object --------------------------------------------------------------------------
+
+
+@dataclass
+class _Stream:
+    pending: deque[bytes] = field(default_factory=deque)
+    pending_bytes: int = 0
+    end_after_pending: bool = False
+    local_ended: bool = False
+    remote_ended: bool = False
+    accepted: bool = False
+
+
+class TunnelProtocol:
+    """One end of a tunnel after the upgrade. ``role`` is ``"broker"`` or ``"agent"``.
+
+    Call :meth:`initiate` once, then loop: feed received bytes to :meth:`receive_data`, handle
+    the events, call :meth:`pump` with a budget when the transport can take more, and write
+    :meth:`data_to_send` out.
+    """
+
+    def __init__(self, role: str, settings: TunnelSettings | None = None) -> None:
+        if role not in ("broker", "agent"):
+            raise ValueError(f"role must be 'broker' or 'agent', not {role!r}")
+        self.role = role
+        self.settings = settings or TunnelSettings()
+        config = h2.config.H2Configuration(
+            client_side=(role == "broker"), header_encoding="utf-8",
+            validate_inbound_headers=True,
+        )
+        self._h2 = _DrainAwareH2(config)
+        self._streams: dict[int, _Stream] = {}
+        self._ready: deque[int] = deque()  # streams with pending data, round-robin order
+        self._pings: dict[bytes, float] = {}
+        self._ping_seq = 0
+        self._raw_out = b""
+        self.draining = False
+        self.closed = False
+
+    # --- setup -------------------------------------------------------------------------------
+
+    def initiate(self) -> None:
+        """Queue the connection preface and our settings."""
+        s = self.settings
+        values = {
+            h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: s.stream_window_bytes,
+            h2.settings.SettingCodes.MAX_FRAME_SIZE: s.max_frame_bytes,
+            h2.settings.SettingCodes.ENABLE_PUSH: 0,
+        }
+        if self.role == "agent":
+            values[h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS] = s.max_concurrent_streams
+        self._h2.local_settings = h2.settings.Settings(
+            client=(self.role == "broker"), initial_values=values)
+        # h2 caches this at construction; without it the first big frame is "overlong".
+        self._h2.max_inbound_frame_size = s.max_frame_bytes
+        self._h2.initiate_connection()
+        extra = s.connection_window_bytes - 65535
+        if extra > 0:
+            self._h2.increment_flow_control_window(extra)
+
+    # --- input -------------------------------------------------------------------------------
+
+    def receive_data(self, data: bytes) -> list[Event]:
+        """Feed bytes from the peer; returns what happened. Raises TunnelProtocolError."""
+        if self.closed:
+            return []
+        try:
+            h2_events = self._h2.receive_data(data)
+        except h2.exceptions.ProtocolError as exc:
+            self.closed = True
+            raise TunnelProtocolError(f"tunnel peer broke HTTP/2: {exc}") from exc
+        out: list[Event] = []
+        for ev in h2_events:
+            self._translate(ev, out)
+        while self._h2.drain_notices:
+            out.append(DrainRequested(self._h2.drain_notices.pop(0)))
+        return out
+
+    def _translate(self, ev: h2.events.Event, out: list[Event]) -> None:
+        if isinstance(ev, h2.events.DataReceived):
+            sid = ev.stream_id
+            assert sid is not None
+            if sid in self._streams:
+                out.append(DataReceived(sid, ev.data or b"", ev.flow_controlled_length or 0))
+            else:  # data racing a reset we sent: give the window back and drop it
+                self._h2.acknowledge_received_data(ev.flow_controlled_length or 0, sid)
+            if ev.stream_ended is not None:
+                self._remote_end(sid, out)
+        elif isinstance(ev, h2.events.RequestReceived):
+            sid = ev.stream_id
+            assert sid is not None
+            headers = {k: v for k, v in (ev.headers or [])}
+            if self.role != "agent" or headers.get(":method") != "CONNECT":
+                self._h2.reset_stream(sid, h2.errors.ErrorCodes.PROTOCOL_ERROR)
+                return
+            self._streams[sid] = _Stream()
+            target = headers.get(":authority", "")
+            extra = {k: v for k, v in headers.items() if not k.startswith(":")}
+            out.append(StreamRequested(sid, target, extra))
+            if ev.stream_ended is not None:
+                self._remote_end(sid, out)
+        elif isinstance(ev, h2.events.ResponseReceived):
+            sid = ev.stream_id
+            assert sid is not None
+            headers = {k: v for k, v in (ev.headers or [])}
+            status = int(headers.get(":status", "0") or 0)
+            st = self._streams.get(sid)
+            if st is None:
+                return
+            if status == 200:
+                st.accepted = True
+                out.append(StreamAccepted(sid))
+            else:
+                out.append(StreamRefused(sid, status, headers.get(REASON_HEADER, "")))
+                self._forget(sid)
+                if not ev.stream_ended:
+                    self._safe_reset(sid, h2.errors.ErrorCodes.CANCEL)
+                return
+            if ev.stream_ended is not None:
+                self._remote_end(sid, out)
+        elif isinstance(ev, h2.events.StreamEnded):
+            assert ev.stream_id is not None
+            self._remote_end(ev.stream_id, out)
+        elif isinstance(ev, h2.events.StreamReset):
+            sid = ev.stream_id
+            assert sid is not None
+            if sid in self._streams:
+                self._forget(sid)
+                out.append(StreamReset(sid, int(ev.error_code or 0)))
+        elif isinstance(ev, h2.events.WindowUpdated):
+            pass  # pump() looks at the windows
+        elif isinstance(ev, h2.events.PingAckReceived):
+            sent = self._pings.pop(bytes(ev.ping_data or b""), None)
+            if sent is not None:
+                out.append(PingAcked(sent))
+        elif isinstance(ev, h2.events.ConnectionTerminated):
+            self.closed = True
+            reason = (ev.additional_data or b"").decode("utf-8", "replace")
+            out.append(ConnectionTerminated(int(ev.error_code or 0), reason))
+        # SettingsAcknowledged, RemoteSettingsChanged, PingReceived (h2 answers it): nothing to do
+
+    def _remote_end(self, sid: int, out: list[Event]) -> None:
+        st = self._streams.get(sid)
+        if st is None or st.remote_ended:
+            return
+        st.remote_ended = True
+        out.append(StreamEnded(sid))
+        self._maybe_closed(sid, out)
+
+    def _maybe_closed(self, sid: int, out: list[Event] | None) -> None:
+        st = self._streams.get(sid)
+        if st is not None and st.remote_ended and st.local_ended:
+            self._forget(sid)
+            if out is not None:
+                out.append(StreamClosed(sid))
+
+    def _forget(self, sid: int) -> None:
+        self._streams.pop(sid, None)
+
+    # --- streams -----------------------------------------------------------------------------
+
+    def open_stream(self, target: str, headers: dict[str, str] | None = None) -> int:
+        """(broker) Open a CONNECT stream to ``target``; returns its id."""
+        if self.role != "broker":
+            raise TunnelProtocolError("only the broker opens streams")
+        if self.closed:
+            raise TunnelProtocolError("tunnel is closed")
+        sid = self._h2.get_next_available_stream_id()
+        hdrs = [(":method", "CONNECT"), (":authority", target)]
+        hdrs += [(k.lower(), v) for k, v in (headers or {}).items()]
+        try:
+            self._h2.send_headers(sid, hdrs)
+        except h2.exceptions.TooManyStreamsError as exc:
+            raise TunnelProtocolError("too many streams open on this tunnel") from exc
+        self._streams[sid] = _Stream()
+        return sid
+
+    def accept_stream(self, stream_id: int) -> None:
+        """(agent) Tell the broker the stream is connected."""
+        st = self._streams.get(stream_id)
+        if st is None or self.closed:
+            return
+        st.accepted = True
+        try:
+            self._h2.send_headers(stream_id, [(":status", "200")])
+        except h2.exceptions.ProtocolError:
+            self._forget(stream_id)
+
+    def refuse_stream(self, stream_id: int, status: int, reason: str) -> None:
+        """(agent) Refuse the stream with an HTTP status and a short reason."""
+        if stream_id not in self._streams:
+            return
+        self._forget(stream_id)
+        try:
+            self._h2.send_headers(stream_id, [(":status", str(status)),
+                                              (REASON_HEADER, reason[:200])], end_stream=True)
+        except h2.exceptions.ProtocolError:
+            pass
+
+    def send_data(self, stream_id: int, data: bytes) -> None:
+        """Queue ``data`` for a stream. Small writes to an idle stream go out at once."""
+        st = self._streams.get(stream_id)
+        if st is None or st.local_ended or st.end_after_pending or not data or self.closed:
+            return
+        if (not st.pending and len(data) <= self.settings.interactive_write_bytes
+                and len(data) <= self._sendable(stream_id)):
+            try:
+                self._h2.send_data(stream_id, data)
+            except h2.exceptions.ProtocolError:
+                self._forget(stream_id)
+            return
+        if not st.pending:
+            self._ready.append(stream_id)
+        st.pending.append(bytes(data))
+        st.pending_bytes += len(data)
+
+    def end_stream(self, stream_id: int) -> None:
+        """Half-close our direction once the queued data is out."""
+        st = self._streams.get(stream_id)
+        if st is None or st.local_ended or self.closed:
+            return
+        if st.pending:
+            st.end_after_pending = True
+            return
+        self._end_now(stream_id, st)
+
+    def _end_now(self, sid: int, st: _Stream) -> None:
+        st.local_ended = True
+        try:
+            self._h2.end_stream(sid)
+        except h2.exceptions.ProtocolError:  # stream or whole connection already closed
+            self._forget(sid)
+            return
+        self._maybe_closed(sid, None)
+
+    def reset_stream(self, stream_id: int, error_code: int = h2.errors.ErrorCodes.CANCEL) -> None:
+        """Abort a stream in both directions."""
+        if stream_id in self._streams:
+            self._forget(stream_id)
+            self._safe_reset(stream_id, error_code)
+
+    def _safe_reset(self, sid: int, code: int) -> None:
+        try:
+            self._h2.reset_stream(sid, code)
+        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+            pass
+
+    def acknowledge(self, stream_id: int, n: int) -> None:
+        """Return ``n`` flow-controlled bytes of window: call when the data was consumed."""
+        if n <= 0 or self.closed:
+            return
+        try:
+            # h2 returns the connection window even when the stream is already closed.
+            self._h2.acknowledge_received_data(n, stream_id)
+        except h2.exceptions.ProtocolError:
+            pass
+
+    def buffered(self, stream_id: int) -> int:
+        """Bytes queued on a stream and not yet handed to h2 (for backpressure)."""
+        st = self._streams.get(stream_id)
+        return st.pending_bytes if st is not None else 0
+
+    def is_open(self, stream_id: int) -> bool:
+        return stream_id in self._streams
+
+    @property
+    def open_streams(self) -> int:
+        return len(self._streams)
+
+    def _sendable(self, sid: int) -> int:
+        try:
+            return min(self._h2.local_flow_control_window(sid), self._h2.max_outbound_frame_size)
+        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError, KeyError):
+            return 0
+
+    def pump(self, budget: int) -> int:
+        """Move up to ``budget`` bytes of queued data into frames, round-robin; returns bytes."""
+        sent = 0
+        if self.closed:
+            return 0
+        idle_rounds = 0
+        while self._ready and sent < budget and idle_rounds < len(self._ready):
+            sid = self._ready.popleft()
+            st = self._streams.get(sid)
+            if st is None or not st.pending:
+                idle_rounds = 0
+                continue
+            n = min(self._sendable(sid), budget - sent, st.pending_bytes)
+            if n <= 0:
+                self._ready.append(sid)
+                idle_rounds += 1
+                continue
+            idle_rounds = 0
+            chunk = self._take(st, n)
+            try:
+                self._h2.send_data(sid, chunk)
+            except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+                self._forget(sid)
+                continue
+            sent += len(chunk)
+            if st.pending:
+                self._ready.append(sid)
+            elif st.end_after_pending:
+                self._end_now(sid, st)
+        return sent
+
+    @staticmethod
+    def _take(st: _Stream, n: int) -> bytes:
+        first = st.pending[0]
+        if len(first) <= n:
+            st.pending.popleft()
+            # Coalesce small queued writes into one frame.
+            parts = [first]
+            total = len(first)
+            while st.pending and total + len(st.pending[0]) <= n:
+                nxt = st.pending.popleft()
+                parts.append(nxt)
+                total += len(nxt)
+            st.pending_bytes -= total
+            return first if len(parts) == 1 else b"".join(parts)
+        st.pending[0] = first[n:]
+        st.pending_bytes -= n
+        return first[:n]
+
+    @property
+    def has_pending(self) -> bool:
+        """True when queued data waits for :meth:`pump` (and, maybe, for window)."""
+        return bool(self._ready)
+
+    # --- connection --------------------------------------------------------------------------
+
+    def send_ping(self, now: float) -> None:
+        """Send a PING; its ack comes back as :class:`PingAcked` carrying ``now``."""
+        if self.closed:
+            return
+        self._ping_seq += 1
+        payload = struct.pack(">Q", self._ping_seq)
+        self._pings[payload] = now
+        if len(self._pings) > 16:  # unanswered pings: keep the newest only
+            for k in list(self._pings)[:-16]:
+                del self._pings[k]
+        self._h2.ping(payload)
+
+    @property
+    def outstanding_pings(self) -> list[float]:
+        """Send times of the pings not answered yet (the caller enforces a deadline)."""
+        return list(self._pings.values())
+
+    def drain(self) -> None:
+        """(broker) Ask the agent to reconnect elsewhere; current streams keep working."""
+        if self.role != "broker" or self.draining or self.closed:
+            return
+        self.draining = True
+        frame = hyperframe.frame.GoAwayFrame(0)
+        frame.last_stream_id = MAX_STREAM_ID
+        frame.error_code = 0
+        frame.additional_data = DRAIN_DEBUG_DATA
+        # Written beside h2 rather than through it: h2 would consider itself closed.
+        self._raw_out += frame.serialize()
+
+    def close(self, error_code: int = 0, reason: str = "") -> None:
+        """Send a final GOAWAY; nothing more can happen on this tunnel."""
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            self._h2.close_connection(error_code, reason.encode()[:200] or None)
+        except h2.exceptions.ProtocolError:
+            pass
+
+    def data_to_send(self) -> bytes:
+        """Bytes to write to the transport now."""
+        out = self._h2.data_to_send()
+        if self._raw_out:
+            out, self._raw_out = out + self._raw_out, b""
+        return out
