@@ -367,14 +367,14 @@ async def run_service(
         state.addresses = _sockets_of(runner)
         log.info(
             "listening",
-            extra={"service": state.service_name, "addresses": state.addresses,
-                   "tls": ssl_context is not None},
+            extra={"fields": {"service": state.service_name, "addresses": state.addresses,
+                              "tls": ssl_context is not None}},
         )
         if ready is not None:
             ready.set()
         _sd_notify("READY=1")
         await stop.wait()
-        log.info("shutting down", extra={"service": state.service_name})
+        log.info("shutting down", extra={"fields": {"service": state.service_name}})
     finally:
         for sig in installed:
             loop.remove_signal_handler(sig)
