@@ -334,3 +334,21 @@ def test_environment_warnings_never_show_tokens() -> None:
     warnings = environment_warnings(cfg, other)
     assert len(warnings) == 3
     assert not any("user-token" in w or "root-token" in w for w in warnings)
+
+
+def test_config_metrics_carry_file_hash(tmp_path: Any) -> None:
+    import hashlib
+
+    from prometheus_client import generate_latest
+
+    from dispatcher.metrics import install_standard_metrics, new_registry
+
+    p = tmp_path / "config.yml"
+    p.write_text("Clusters: {zzzzz: {}}\n")
+    digest = hashlib.sha256(p.read_bytes()).hexdigest()
+    registry = new_registry()
+    install_standard_metrics(registry, service="Controller", config_path=p)
+    text = generate_latest(registry).decode()
+    assert f'arvados_config_source_timestamp_seconds{{sha256="{digest}"}}' in text
+    assert f'arvados_config_load_timestamp_seconds{{sha256="{digest}"}}' in text
+    assert "process_start_time_seconds" in text
