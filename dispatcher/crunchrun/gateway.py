@@ -11,6 +11,7 @@ ends. A missing module or function is not an error: the container runs without a
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import importlib
 import inspect
@@ -42,15 +43,25 @@ class GatewayContext:
 class GatewayHandle:
     """A started gateway; :meth:`aclose` stops it (idempotent, never raises)."""
 
-    def __init__(self, obj: Any, entered: bool) -> None:
+    def __init__(self, obj: Any, entered: bool, close_timeout_s: float = 5.0) -> None:
         self._obj = obj
         self._entered = entered
         self._closed = False
+        self.close_timeout_s = close_timeout_s
 
     async def aclose(self) -> None:
         if self._closed:
             return
         self._closed = True
+        # Bounded: a gateway that does not stop must not keep the container from finishing.
+        task = asyncio.ensure_future(self._close())
+        done, _ = await asyncio.wait({task}, timeout=self.close_timeout_s)
+        if not done:
+            log.warning("the container gateway did not stop within %gs; abandoning it",
+                        self.close_timeout_s)
+            task.cancel()
+
+    async def _close(self) -> None:
         try:
             if self._entered:
                 await self._obj.__aexit__(None, None, None)
