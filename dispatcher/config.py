@@ -838,6 +838,36 @@ def _check_url(url: str, path: str, schemes: tuple[str, ...] | None) -> None:
         )
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys: with plain YAML the last one silently wins, which
+    hides exactly the kind of mistake ``config check`` exists to catch."""
+
+
+def _construct_mapping_no_duplicates(loader: _StrictLoader, node: yaml.MappingNode) -> Any:
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue
+        try:
+            k = loader.construct_object(key_node, deep=True)
+            first = seen.get(k)
+        except TypeError:  # unhashable key: construct_mapping reports it properly
+            continue
+        if first is not None:
+            raise yaml.constructor.ConstructorError(
+                None, None,
+                f"duplicate key {k!r} (first defined on line {first}): keep only one",
+                key_node.start_mark,
+            )
+        seen[k] = key_node.start_mark.line + 1
+    return loader.construct_mapping(node, deep=True)
+
+
+_StrictLoader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping_no_duplicates
+)
+
+
 def load_config(path: str | os.PathLike[str], cluster_id: str | None = None) -> ClusterConfig:
     """Read and parse a ``config.yml``; errors name the file (and line, for YAML syntax)."""
     try:
@@ -846,7 +876,7 @@ def load_config(path: str | os.PathLike[str], cluster_id: str | None = None) -> 
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 -- a SafeLoader subclass
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""

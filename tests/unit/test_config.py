@@ -685,3 +685,25 @@ def test_loaded_tokens_are_registered_for_redaction() -> None:
     cluster({"SystemRootToken": token, "ManagementToken": "mgmt-registered-abcdef"})
     assert "registeredsecretvalue123" not in redact(f"token is {token}")
     assert "mgmt-registered-abcdef" not in redact("mgmt-registered-abcdef")
+
+
+def test_load_config_duplicate_key_is_error_with_line(tmp_path: Path) -> None:
+    p = tmp_path / "config.yml"
+    p.write_text("Clusters:\n  zzzzz:\n    Containers:\n      MaxDispatchAttempts: 3\n"
+                 "      ReserveExtraRAM: 1GiB\n      MaxDispatchAttempts: 5\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(p)
+    msg = str(info.value)
+    assert msg.startswith(f"{p}:6:")
+    assert "duplicate key 'MaxDispatchAttempts' (first defined on line 4)" in msg
+
+
+def test_load_config_yaml_anchors_and_merges(tmp_path: Path) -> None:
+    p = tmp_path / "config.yml"
+    p.write_text(
+        "Clusters:\n  zzzzz:\n    InstanceTypes:\n"
+        "      base: &base {VCPUs: 2, RAM: 4GiB, Price: 0.1}\n"
+        "      big:\n        <<: *base\n        VCPUs: 8\n"
+    )
+    types = load_config(p).instance_types
+    assert (types["big"].vcpus, types["big"].ram) == (8, 4 * GiB)
