@@ -71,7 +71,10 @@ async def serve(cfg: ClusterConfig, state_dir: Path, max_jobs: int | None) -> in
     from dispatcher.metrics import new_registry
 
     registry = new_registry()
-    backend = LocalBackend(cfg, state_dir, job_env=job_environment(cfg), max_jobs=max_jobs)
+    env = job_environment(cfg)
+    # crunch-run's per-container lock files: beside our job records unless the site chose.
+    env.setdefault("CRUNCH_RUN_LOCK_DIR", str(state_dir / "locks"))
+    backend = LocalBackend(cfg, state_dir, job_env=env, max_jobs=max_jobs)
     await backend.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
