@@ -625,7 +625,7 @@ def _leaf_strategies() -> dict[tuple[str, ...], st.SearchStrategy[Any]]:
                 out[path] = st.integers(0, 2**50).map(C.format_bytesize)
             elif kind == "opaque":
                 out[path] = st.dictionaries(names, text, max_size=3)
-            elif dataclasses.is_dataclass(tp):
+            elif isinstance(tp, type) and dataclasses.is_dataclass(tp):
                 walk(tp, path)
             elif tp is bool:
                 out[path] = st.booleans()
