@@ -661,3 +661,23 @@ def _error_text(body: bytes) -> str:
 
 def api_error_status(exc: ApiError) -> int:
     return exc.status or 503
+
+
+def controller_setup(cfg: Any, *, ca_file: str | None = None,
+                     internal_url: str | None = None) -> Callable[[web.Application], None]:
+    """An ``extra_setup`` callable that mounts a broker into the embedded controller's app.
+
+    The broker talks to the controller through the API like any client (``controller_url``,
+    SystemRootToken), trusting ``ca_file`` (the controller's dev CA) or ``TLS.Insecure``.
+    """
+
+    def setup(app: web.Application) -> None:
+        from dispatcher.config import controller_url
+
+        bcfg = BrokerConfig.from_cluster(cfg, internal_url)
+        bcfg.ca_file = ca_file
+        backend = ApiBackend(controller_url(cfg), cfg.system_root_token,
+                             insecure=cfg.tls.insecure, ca_file=ca_file)
+        Broker(bcfg, backend).setup(app)
+
+    return setup

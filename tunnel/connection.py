@@ -420,6 +420,8 @@ class TunnelConnection(asyncio.BufferedProtocol):
         if data:
             self.bytes_out += len(data)
             t.write(data)
+        for ev in self.proto.take_events():
+            self._dispatch(ev)
         if self._backlogged:
             for st in list(self._backlogged):
                 if not st.backlogged or st.error is not None:

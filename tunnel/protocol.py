@@ -374,6 +374,9 @@ class TunnelProtocol:
         self._pings: dict[bytes, float] = {}
         self._ping_seq = 0
         self._raw_out = b""
+        self._local_events: list[Event] = []
+        # First bytes from the peer, until its preface is checked (None afterwards).
+        self._head: bytearray | None = bytearray()
         self.draining = False
         self.closed = False
 
@@ -404,24 +407,49 @@ class TunnelProtocol:
         """Feed bytes from the peer; returns what happened. Raises TunnelProtocolError."""
         if self.closed:
             return []
+        if self._head is not None:
+            self._check_preface(data)
         try:
             h2_events = self._h2.receive_data(data)
         except h2.exceptions.ProtocolError as exc:
             self.closed = True
             raise TunnelProtocolError(f"tunnel peer broke HTTP/2: {exc}") from exc
-        out: list[Event] = []
+        # h2 waits for a whole frame before checking its length, so a bogus length would make
+        # it buffer up to 16 MiB of garbage: stop at one maximum-size frame.
+        if len(getattr(self._h2.incoming_buffer, "_data", b"")) > self.settings.max_frame_bytes + 9:
+            self.closed = True
+            raise TunnelProtocolError("tunnel peer sent an overlong frame")
+        out: list[Event] = self.take_events()
         for ev in h2_events:
             self._translate(ev, out)
         while self._h2.drain_notices:
             out.append(DrainRequested(self._h2.drain_notices.pop(0)))
         return out
 
+    def _check_preface(self, data: bytes) -> None:
+        """The peer's first frame must be SETTINGS (after the client magic, for the agent)."""
+        assert self._head is not None
+        magic = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" if self.role == "agent" else b""
+        self._head += data[: len(magic) + 9 - len(self._head)]
+        if len(self._head) < len(magic) + 9:
+            if not (magic.startswith(bytes(self._head)) or bytes(self._head).startswith(magic)):
+                self.closed = True
+                raise TunnelProtocolError("tunnel peer did not start with the HTTP/2 preface")
+            return
+        header = bytes(self._head[len(magic):])
+        self._head = None
+        length = int.from_bytes(header[:3], "big")
+        if header[3] != 0x4 or length > self.settings.max_frame_bytes:
+            self.closed = True
+            raise TunnelProtocolError("tunnel peer did not start with an HTTP/2 SETTINGS frame")
+
     def _translate(self, ev: h2.events.Event, out: list[Event]) -> None:
         if isinstance(ev, h2.events.DataReceived):
             sid = ev.stream_id
             assert sid is not None
             if sid in self._streams:
-                out.append(DataReceived(sid, ev.data or b"", ev.flow_controlled_length or 0))
+                if ev.data:
+                    out.append(DataReceived(sid, ev.data, ev.flow_controlled_length or 0))
             else:  # data racing a reset we sent: give the window back and drop it
                 self._h2.acknowledge_received_data(ev.flow_controlled_length or 0, sid)
             if ev.stream_ended is not None:
@@ -571,7 +599,12 @@ class TunnelProtocol:
         except h2.exceptions.ProtocolError:  # stream or whole connection already closed
             self._forget(sid)
             return
-        self._maybe_closed(sid, None)
+        self._maybe_closed(sid, self._local_events)
+
+    def take_events(self) -> list[Event]:
+        """Events caused by our own calls (a stream closed by our end_stream); call after them."""
+        out, self._local_events = self._local_events, []
+        return out
 
     def reset_stream(self, stream_id: int, error_code: int = h2.errors.ErrorCodes.CANCEL) -> None:
         """Abort a stream in both directions."""
