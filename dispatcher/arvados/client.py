@@ -35,6 +35,7 @@ The token never appears in an exception message, ``repr`` or log line: it is reg
 from __future__ import annotations
 
 import asyncio
+import builtins
 import email.utils
 import json
 import logging
@@ -376,7 +377,7 @@ class ArvadosClient:
         order: Sequence[str] | str | None = None,
         select: Sequence[str] | None = None,
         page_size: int = 1000,
-    ) -> list[dict[str, Any]]:
+    ) -> builtins.list[dict[str, Any]]:
         """Every matching item, paged as the HPC dispatch loop does (reference 2.3).
 
         First ``count=exact&limit=0`` gives N; then ``count=none&limit=page_size&offset=k``

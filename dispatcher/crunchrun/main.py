@@ -257,7 +257,7 @@ def run_foreground(args: argparse.Namespace, lock_dir: str, secret: str) -> int:
 def _make_client(args: argparse.Namespace) -> ArvadosClient:
     if os.environ.get("ARVADOS_API_HOST") or not args.config:
         return ArvadosClient.from_env()
-    from dispatcher.config import load_config  # type: ignore[attr-defined]
+    from dispatcher.config import load_config
 
     return ArvadosClient.from_config(load_config(args.config))
 

@@ -182,7 +182,7 @@ class Runner:
             image=str(ctr.get("container_image") or ""),
             vcpus=int(constraints.get("vcpus") or 0),
             ram=int(constraints.get("ram") or 0),
-            scratch_dir=self.scratch,
+            scratch_dir=self.scratch or "",
             secret_env=secret_env,
         )
         runtime = make_runtime(engine, spec, self.environ)

@@ -152,7 +152,8 @@ def test_parse_retry_after() -> None:
     [(404, NotFound), (401, Forbidden), (403, Forbidden), (422, Unprocessable), (400, ApiError),
      (501, ApiError)],
 )
-def test_4xx_and_501_are_typed_and_not_retried(fakeapi: FakeApi, status: int, cls: type) -> None:
+def test_4xx_and_501_are_typed_and_not_retried(fakeapi: FakeApi, status: int,
+                                               cls: type[ApiError]) -> None:
     path = f"/arvados/v1/containers/{UUID}"
     fakeapi.script("PUT", path, [(status, {"errors": ["nope: cannot change"]}, {})])
     with pytest.raises(cls) as ei:
@@ -259,8 +260,12 @@ def test_token_never_in_errors_repr_or_logs(fakeapi: FakeApi,
                                              caplog: pytest.LogCaptureFixture) -> None:
     path = f"/arvados/v1/containers/{UUID}"
     # A misbehaving server that echoes the token back in its error body.
-    fakeapi.script("GET", path, [(503, {"errors": [f"bad token {FAKEAPI_TOKEN}"]}, {})] * 2
-                   + [(401, {"errors": [f"token {FAKEAPI_TOKEN} unknown"]}, {})])
+    responses: list[tuple[int, Any, dict[str, str]]] = [
+        (503, {"errors": [f"bad token {FAKEAPI_TOKEN}"]}, {}),
+        (503, {"errors": [f"bad token {FAKEAPI_TOKEN}"]}, {}),
+        (401, {"errors": [f"token {FAKEAPI_TOKEN} unknown"]}, {}),
+    ]
+    fakeapi.script("GET", path, responses)
     caplog.set_level(logging.DEBUG)
     with pytest.raises(Forbidden) as ei:
         run(call(fakeapi, "get", "containers", UUID))

@@ -29,8 +29,8 @@ from dispatcher.crunchrun.runtimes import (
 UUID = "zzzzz-dz642-000000000000001"
 
 # Arbitrary text without NUL (which no argv can carry); env names also without "=".
-text = st.text(st.characters(blacklist_characters="\0", blacklist_categories=("Cs",)))
-env_name = st.text(st.characters(blacklist_characters="\0=", blacklist_categories=("Cs",)),
+text = st.text(st.characters(exclude_characters="\0", exclude_categories=["Cs"]))
+env_name = st.text(st.characters(exclude_characters="\0=", exclude_categories=["Cs"]),
                    min_size=1)
 
 
