@@ -127,7 +127,8 @@ class Sim:
 
     @property
     def jobs(self) -> dict[str, dict[str, Any]]:
-        return self.state["jobs"]  # type: ignore[no-any-return]
+        jobs: dict[str, dict[str, Any]] = self.state["jobs"]
+        return jobs
 
 
 def take_fault(sim_dir: Path, command: str) -> dict[str, Any] | None:
@@ -338,10 +339,10 @@ def build_job(sim: Sim, argv: list[str], script: str, env: dict[str, str], cwd: 
     limits: dict[str, float] = {}
     for opt, key_ in (("-W", "run_limit_min"), ("-We", "estimate_min")):
         if opt in opts:
-            v = last(opt)
-            m = re.fullmatch(r"(?:(\d+):)?(\d+)", v)
+            lim = last(opt)
+            m = re.fullmatch(r"(?:(\d+):)?(\d+)", lim)
             if not m:
-                raise SimError(f"{v}: Bad argument for option {opt}. Job not submitted.")
+                raise SimError(f"{lim}: Bad argument for option {opt}. Job not submitted.")
             limits[key_] = int(m.group(1) or 0) * 60 + int(m.group(2))
     data_limit_mb = None
     if "-D" in opts:
