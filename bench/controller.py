@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from dispatcher.arvados.controller.store import Policy, Store  # noqa: E402
-from tests.helpers.controller import ROOT_TOKEN, start_controller  # noqa: E402
+from tests.helpers.controller import ROOT_TOKEN, ControllerProcess, start_controller  # noqa: E402
 
 # Share of each target state among the loaded containers.
 MIX = [("Complete", 0.40), ("Cancelled", 0.20), ("Queued", 0.25), ("Queued0", 0.05),
@@ -93,7 +93,7 @@ def timed_query(conn: http.client.HTTPSConnection, path: str) -> tuple[float, in
     return elapsed, len(body), json.loads(body)
 
 
-def loop_responsiveness(ctl: object, params: dict[str, str], seconds: float = 3.0) -> None:
+def loop_responsiveness(ctl: ControllerProcess, params: dict[str, str], seconds: float = 3.0) -> None:
     """Health-ping latency while 4 clients hammer the queued list: the database work runs on
     the store's thread, so the event loop should keep answering quickly."""
     import threading
@@ -164,7 +164,9 @@ def main() -> int:
             for label, params in queries.items():
                 path = "/arvados/v1/containers?" + urllib.parse.urlencode(params)
                 timed_query(conn, path)  # warm-up
-                times, size, body = [], 0, {}
+                times: list[float] = []
+                size: int = 0
+                body: dict = {}
                 for _ in range(args.runs):
                     elapsed, size, body = timed_query(conn, path)
                     times.append(elapsed)

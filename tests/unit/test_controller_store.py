@@ -218,13 +218,13 @@ def test_visibility(store: Store) -> None:
     with pytest.raises(NotFound):
         store.get(CONTAINER, bob, cr["container_uuid"])
     q = parse_list_params({}, CONTAINER, max_items=100, default_order="uuid")
-    assert store.list(CONTAINER, bob, q).items_available == 0
-    assert store.list(CONTAINER, alice, q).items_available == 1
+    assert store.list_page(CONTAINER, bob, q).items_available == 0
+    assert store.list_page(CONTAINER, alice, q).items_available == 1
     store.create_log(store.system_caller, {"object_uuid": cr["container_uuid"],
                                            "event_type": "stdout", "properties": {"text": "x"}})
     lq = parse_list_params({}, LOG, max_items=100, default_order="id")
-    assert store.list(LOG, alice, lq).items_available == 1
-    assert store.list(LOG, bob, lq).items_available == 0
+    assert store.list_page(LOG, alice, lq).items_available == 1
+    assert store.list_page(LOG, bob, lq).items_available == 0
     with pytest.raises(Forbidden):
         store.create_container(alice, {"command": ["x"]})
     with pytest.raises(Forbidden):

@@ -157,7 +157,7 @@ def _out(call: Call, resource: Resource, doc: dict[str, Any]) -> dict[str, Any]:
 def _make_list(resource: Resource, default_order: str = DEFAULT_ORDER) -> Handler:
     async def handler(call: Call) -> Any:
         q = call.list_query(resource, default_order)
-        res: ListResult = await call.store.run(call.store.list, resource, call.caller, q)
+        res: ListResult = await call.store.run(call.store.list_page, resource, call.caller, q)
         return res.to_json()
 
     return handler

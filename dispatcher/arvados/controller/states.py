@@ -160,7 +160,9 @@ def plan_container_update(
             continue
         if name not in permitted:
             raise Unprocessable(f"{name} cannot be modified in state '{old}' (to state '{new}')")
-        if name in PROGRESS_FIELDS | {"gateway_address", "interactive_session_started", "started_at", "finished_at"}:
+        # gateway_address / interactive_session_started are left to any admin: the in-process
+        # tunnel broker writes them acting as the system root, whoever holds the lock.
+        if name in PROGRESS_FIELDS | {"started_at", "finished_at"}:
             # Progress of a locked/running container belongs to the lock holder (or the
             # container's own token); other admins may still change state and priority.
             if old in (LOCKED, RUNNING) and not (is_holder or own_token):

@@ -424,7 +424,7 @@ class Store:
 
     # --- generic listing ------------------------------------------------------------------------
 
-    def list(self, resource: Resource, caller: Caller, q: ListQuery) -> ListResult:
+    def list_page(self, resource: Resource, caller: Caller, q: ListQuery) -> ListResult:
         """Run a validated list query with the caller's visibility rules applied."""
         where, params = q.where, list(q.params)
         scope, scope_params = self._visibility(resource, caller)
