@@ -25,19 +25,38 @@ class Clock:
 
 
 class FakeClock(Clock):
-    """A clock that only moves when told to: ``advance(s)`` or an awaited ``sleep(s)``."""
+    """A clock that only moves when told to.
 
-    def __init__(self, start: float = 1_800_000_000.0) -> None:
+    With ``auto_advance`` (the default, for unit tests of one component) an awaited
+    ``sleep(s)`` yields once and then moves the clock ``s`` forward. Without it (simulations of
+    the whole dispatcher) ``sleep`` waits until the test's ``advance()`` calls have moved the
+    clock past the wake-up time, so concurrent sleepers do not push time for each other.
+    """
+
+    def __init__(self, start: float = 1_800_000_000.0, *, auto_advance: bool = True) -> None:
         self.t = start
+        self.auto_advance = auto_advance
+        self._waiters: list[asyncio.Future[None]] = []
 
     def now(self) -> float:
         return self.t
 
     def advance(self, seconds: float) -> None:
-        """Move time forward."""
+        """Move time forward and wake sleepers (they re-check their deadline)."""
         self.t += seconds
+        waiters, self._waiters = self._waiters, []
+        for fut in waiters:
+            if not fut.done():
+                fut.set_result(None)
 
     async def sleep(self, seconds: float) -> None:
-        # Yield to the loop so that other tasks make progress, then jump forward.
-        await asyncio.sleep(0)
-        self.t += max(0.0, seconds)
+        if self.auto_advance:
+            # Yield to the loop so that other tasks make progress, then jump forward.
+            await asyncio.sleep(0)
+            self.t += max(0.0, seconds)
+            return
+        target = self.t + max(0.0, seconds)
+        while self.t < target:
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._waiters.append(fut)
+            await fut

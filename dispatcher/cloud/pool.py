@@ -44,6 +44,7 @@ from dispatcher.cloud.errors import (
     RateLimitError,
 )
 from dispatcher.cloud.metrics import CloudMetrics
+from dispatcher.cloud.throttle import Holdoff
 from dispatcher.cloud.worker import (
     BootOutcome,
     IdleBehavior,
@@ -192,8 +193,8 @@ class Pool:
         self.at_quota_until_fewer = 0
         self.at_quota_until = 0.0
         self.at_capacity_until: dict[str, float] = {}
-        self.create_holdoff_until = 0.0
-        self.list_holdoff_until = 0.0
+        self.create_holdoff = Holdoff(self.clock, notify=self.notify)
+        self.list_holdoff = Holdoff(self.clock, notify=self.notify)
         self.loaded = False
         self.stopped = False
         self._notifier = Notifier()
@@ -304,7 +305,7 @@ class Pool:
     def create(self, it: InstanceType) -> InstanceView | None:
         """Start creating an instance of ``it``; None (and no cloud call) if refused."""
         now = self.clock.now()
-        if self.stopped or self.at_capacity(it) or self.at_quota() or now < self.create_holdoff_until:
+        if self.stopped or self.at_capacity(it) or self.at_quota() or self.create_holdoff.check():
             return None
         if self.max_concurrent_creates > 0 and len(self.creating) >= self.max_concurrent_creates:
             log.debug("reached MaxConcurrentInstanceCreateOps (%d)", self.max_concurrent_creates)
@@ -368,20 +369,15 @@ class Pool:
                 key = keys[1]
             else:
                 key = keys[0]
+            # No timer: the scheduler re-evaluates at least every few seconds anyway.
             self.at_capacity_until[key] = now + CAPACITY_ERROR_TTL_S
-            self.spawn(self._notify_at(now + CAPACITY_ERROR_TTL_S))
         elif isinstance(exc, RateLimitError):
             log.warning("suspending remote calls due to rate-limit error until %.1f",
                         exc.earliest_retry)
-            self.create_holdoff_until = max(self.create_holdoff_until, exc.earliest_retry)
-            self.spawn(self._notify_at(exc.earliest_retry))
+            self.create_holdoff.error_until(exc, exc.earliest_retry)
         elif not isinstance(exc, DriverError):
             log.error("create failed with an unexpected error", exc_info=exc)
         self.creating.pop(secret, None)
-        self.notify()
-
-    async def _notify_at(self, when: float) -> None:
-        await self.clock.sleep(max(0.0, when - self.clock.now()))
         self.notify()
 
     # --- syncing with the cloud --------------------------------------------------------------
@@ -431,15 +427,14 @@ class Pool:
 
     async def sync(self) -> bool:
         """One cloud listing, reconciled with the workers; False if the list call failed."""
-        now = self.clock.now()
-        if now < self.list_holdoff_until:
+        if self.list_holdoff.check():
             return False
-        threshold = now
+        threshold = self.clock.now()
         try:
             listed = await self.instance_set.instances({self.tag_prefix + "InstanceSetID":
                                                         self.set_id})
         except RateLimitError as exc:
-            self.list_holdoff_until = exc.earliest_retry
+            self.list_holdoff.error_until(exc, exc.earliest_retry)
             log.warning("suspending instance listing due to rate-limit error: %s", exc)
             return False
         except Exception as exc:  # a failed list must never look like "everything vanished"
@@ -452,7 +447,7 @@ class Pool:
             seen.add(inst.id)
             self._update_worker(inst, self._type_for(inst))
         for wid, wkr in list(self.workers.items()):
-            if wid in seen or wkr.listed >= threshold:
+            if wid in seen or wkr.listed > threshold:
                 continue
             if (wkr.state is State.BOOTING and wkr.appeared + self.create_list_grace_s > threshold):
                 continue  # created by us moments ago; the listing may lag behind

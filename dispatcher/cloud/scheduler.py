@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+from collections import deque
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -151,6 +152,10 @@ class Scheduler:
         self.instances_within_quota = 0
         self._last_503_seen = 0.0
         self.in_progress: set[str] = set()
+        # Per-container API operations and the workers that run them (see _bg).
+        self.api_concurrency = max(1, cfg.api.max_concurrent_requests // 4)
+        self._ops: deque[tuple[str, str, Callable[[], Coroutine[Any, Any, Any]]]] = deque()
+        self._op_workers = 0
         self.last_sorted: list[SortedEnt] = []
         self.last_sorted_at = 0.0
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -161,24 +166,36 @@ class Scheduler:
     # --- background operations ---------------------------------------------------------------
 
     def _bg(self, uuid: str, what: str, coro_fn: Callable[[], Coroutine[Any, Any, Any]]) -> bool:
-        """Run one per-container operation unless another is in progress for ``uuid``."""
+        """Queue one per-container operation unless another is in progress for ``uuid``.
+
+        Operations run on at most ``api_concurrency`` worker tasks, so a pass that locks 5,000
+        containers neither creates 5,000 tasks nor sends 5,000 simultaneous API requests.
+        """
         if uuid in self.in_progress:
             self._rearm()
             return False
         self.in_progress.add(uuid)
-
-        async def run() -> None:
-            try:
-                await coro_fn()
-            except Exception as exc:
-                log.warning("error %s container: %s", what, exc, extra={"container_uuid": uuid})
-            finally:
-                self.in_progress.discard(uuid)
-
-        task = asyncio.get_running_loop().create_task(run())
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._ops.append((uuid, what, coro_fn))
+        while self._op_workers < self.api_concurrency and self._op_workers < len(self._ops):
+            self._op_workers += 1
+            task = asyncio.get_running_loop().create_task(self._op_worker())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
         return True
+
+    async def _op_worker(self) -> None:
+        try:
+            while self._ops:
+                uuid, what, coro_fn = self._ops.popleft()
+                try:
+                    await coro_fn()
+                except Exception as exc:
+                    log.warning("error %s container: %s", what, exc,
+                                extra={"container_uuid": uuid})
+                finally:
+                    self.in_progress.discard(uuid)
+        finally:
+            self._op_workers -= 1
 
     def _rearm(self) -> None:
         if self._wakeup is not None and not self._rearm_pending:
@@ -282,6 +299,7 @@ class Scheduler:
         over_quota: list[QueueEnt] = []
         over_super: list[QueueEnt] = []
         capacity_memo: dict[tuple[str, bool], bool] = {}
+        no_fit: set[tuple[str, InstanceResources]] = set()
         at_quota = self.pool.at_quota()
         position = 0
 
@@ -310,7 +328,7 @@ class Scheduler:
             if max_conc > 0 and trying >= max_conc:
                 continue  # keeps its lock if Locked; not locked if Queued
             trying += 1
-            slot = self._best_slot(ent, by_type)
+            slot = self._best_slot(ent, by_type, no_fit)
             available = self._available_type(ent, capacity_memo)
             if state == "Queued":
                 if slot is None and at_quota:
@@ -356,6 +374,7 @@ class Scheduler:
             new_slot = _Slot(view, len(slots), InstanceResources.of_type(available), 0)
             slots.append(new_slot)
             by_type.setdefault(available.name, []).append(new_slot)
+            no_fit = {k for k in no_fit if k[0] != available.name}
             self._allocate(new_slot, ent, by_type)
             if self.max_per_instance > 0 and new_slot.n >= self.max_per_instance:
                 new_slot.full = True
@@ -399,11 +418,23 @@ class Scheduler:
                     res.shutdowns += 1
         return res
 
-    def _best_slot(self, ent: QueueEnt, by_type: dict[str, list[_Slot]]) -> _Slot | None:
+    def _best_slot(self, ent: QueueEnt, by_type: dict[str, list[_Slot]],
+                   no_fit: set[tuple[str, InstanceResources]]) -> _Slot | None:
+        """The instance to put ``ent`` on: ready before booting, then the one with the most
+        containers already (packing), then the cheapest (earliest in sort order).
+
+        ``no_fit`` memoizes (type, need) pairs that fit no instance of that type. Capacity only
+        shrinks during a pass, so such a pair stays unfit until an instance of that type is
+        added (which clears its memo entries); this keeps a 10,000-container pass fast.
+        """
         best: _Slot | None = None
         best_key: tuple[int, int, int] | None = None
         need = ent.resources
         for it in ent.instance_types:
+            memo_key = (it.name, need)
+            if memo_key in no_fit:
+                continue
+            found = False
             for slot in by_type.get(it.name, ()):
                 if slot.full:
                     continue
@@ -414,20 +445,24 @@ class Scheduler:
                         log.warning("BUG? insufficient resources on idle instance %s for %s",
                                     slot.view.instance, ent.container["uuid"])
                     continue
+                found = True
                 key = (1 if slot.ready else 0, slot.n, -slot.index)
                 if best_key is None or key > best_key:
                     best, best_key = slot, key
+            if not found:
+                no_fit.add(memo_key)
         return best
 
     def _allocate(self, slot: _Slot, ent: QueueEnt, by_type: dict[str, list[_Slot]]) -> None:
         slot.remaining = slot.remaining.sub(ent.resources)
         slot.n += 1
-        if slot.remaining.vcpus <= 0:
+        if slot.remaining.vcpus <= 0 or (self.max_per_instance > 0
+                                         and slot.n >= self.max_per_instance):
             # Nothing more can fit (accommodates needs spare VCPUs): keep later searches short.
             slot.full = True
             lst = by_type.get(slot.view.instance_type.name)
-            if lst is not None and len(lst) > 64:
-                by_type[slot.view.instance_type.name] = [s for s in lst if not s.full]
+            if lst is not None:
+                lst.remove(slot)
 
     def _available_type(self, ent: QueueEnt,
                         memo: dict[tuple[str, bool], bool]) -> InstanceType | None:

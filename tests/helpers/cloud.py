@@ -340,3 +340,115 @@ def cloud_moto() -> Iterator[MotoInfo]:
         yield MotoInfo(f"http://127.0.0.1:{port}", port)
     finally:
         stop_pid(proc)
+
+
+# --- an in-memory controller for the real ContainerQueue ----------------------------------------
+
+
+class MemoryApiError(Exception):
+    def __init__(self, status: int, msg: str) -> None:
+        super().__init__(msg)
+        self.status = status
+
+
+class MemoryApi:
+    """The subset of ``ArvadosClient`` the cloud queue uses, over an in-memory container table
+    with the server's lock rules and MaxDispatchAttempts (reference 1.2/1.3)."""
+
+    TOKEN_UUID = "zzzzz-gj3su-000000000000000"
+
+    def __init__(self, max_dispatch_attempts: int = 10) -> None:
+        self.containers: dict[str, dict[str, Any]] = {}
+        self.max_dispatch_attempts = max_dispatch_attempts
+        self.calls: list[tuple[str, str]] = []
+        self.fail_next: list[int] = []   # statuses to raise on the next calls (e.g. 503)
+        self.transitions: list[tuple[str, str, str]] = []
+
+    def add(self, uuid: str, **attrs: Any) -> dict[str, Any]:
+        c = {"uuid": uuid, "state": "Queued", "priority": 1, "locked_by_uuid": None,
+             "lock_count": 0, "runtime_constraints": {"vcpus": 1, "ram": 1 << 30},
+             "scheduling_parameters": {}, "container_image": "", "mounts": {},
+             "created_at": "2026-01-01T00:00:00Z", "runtime_status": {}}
+        c.update(attrs)
+        self.containers[uuid] = c
+        return c
+
+    def _maybe_fail(self, what: str) -> None:
+        self.calls.append((what, ""))
+        if self.fail_next:
+            from dispatcher.arvados.errors import ApiError
+
+            raise ApiError(self.fail_next.pop(0), ["injected"], "GET", what)
+
+    def _set_state(self, c: dict[str, Any], new: str) -> None:
+        self.transitions.append((c["uuid"], c["state"], new))
+        c["state"] = new
+
+    async def token_uuid(self) -> str:
+        return self.TOKEN_UUID
+
+    async def list(self, resource: str, *, filters: Any = None, order: Any = None,
+                   select: Any = None, limit: int | None = None, offset: int | None = None,
+                   count: str | None = None) -> dict[str, Any]:
+        self._maybe_fail("list")
+
+        def match(c: dict[str, Any], f: list[Any]) -> bool:
+            attr, op, val = f
+            have = c.get(attr)
+            if op == "=":
+                return bool(have == val)
+            if op == "in":
+                return have in val
+            if op == ">":
+                if attr == "uuid":
+                    return str(have) > str(val)
+                return have is not None and float(have) > float(val)
+            raise ValueError(op)
+
+        rows = [c for c in self.containers.values() if all(match(c, f) for f in filters or [])]
+        orders = [order] if isinstance(order, str) else list(order or ["uuid"])
+        for o in reversed(orders):
+            field_, _, direction = o.partition(" ")
+            rows.sort(key=lambda c, f=field_: c.get(f) or 0, reverse=direction == "desc")
+        off = offset or 0
+        rows = rows[off:off + (limit if limit is not None else 1000)]
+        keys = select or list(self.containers[next(iter(self.containers))].keys()) \
+            if self.containers else []
+        return {"items": [{k: c.get(k) for k in keys} for c in rows]}
+
+    async def get(self, resource: str, uuid: str, *, select: Any = None) -> dict[str, Any]:
+        self._maybe_fail("get")
+        c = self.containers[uuid]
+        return {k: c.get(k) for k in (select or c.keys())}
+
+    async def lock(self, uuid: str) -> dict[str, Any]:
+        self._maybe_fail("lock")
+        c = self.containers[uuid]
+        if c["state"] != "Queued" or c["priority"] <= 0:
+            raise MemoryApiError(422, f"cannot lock when {c['state']}")
+        self._set_state(c, "Locked")
+        c["locked_by_uuid"] = self.TOKEN_UUID
+        c["lock_count"] += 1
+        return dict(c)
+
+    async def unlock(self, uuid: str) -> dict[str, Any]:
+        self._maybe_fail("unlock")
+        c = self.containers[uuid]
+        if c["state"] != "Locked":
+            raise MemoryApiError(422, f"cannot unlock when {c['state']}")
+        self._set_state(c, "Cancelled" if c["lock_count"] >= self.max_dispatch_attempts
+                        else "Queued")
+        c["locked_by_uuid"] = None
+        return dict(c)
+
+    async def update(self, resource: str, uuid: str, attrs: dict[str, Any]) -> dict[str, Any]:
+        self._maybe_fail("update")
+        c = self.containers[uuid]
+        if "state" in attrs and attrs["state"] != c["state"]:
+            self._set_state(c, attrs["state"])
+            if attrs["state"] in ("Complete", "Cancelled"):
+                c["locked_by_uuid"] = None
+        for k, v in attrs.items():
+            if k != "state":
+                c[k] = v
+        return dict(c)
