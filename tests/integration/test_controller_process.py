@@ -144,6 +144,8 @@ def test_metrics_and_health(controller_session: ControllerProcess) -> None:
     assert status == 403
     status, body = Http(ctl, ctl.management_token).call("GET", "_health/ping")
     assert status == 200 and body == {"health": "OK"}
+    status, text = Http(ctl, ctl.management_token).call("GET", "metrics")
+    assert "crunchgate_controller_containers{state=\"Queued\"}" in text
 
 
 def test_tokens_never_logged(tmp_path: Path) -> None:

@@ -13,6 +13,9 @@ and HTTP method served is the one the document announces.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import hmac
 import json
 import logging
 import secrets
@@ -28,7 +31,7 @@ from dispatcher.logs import register_secret
 
 from . import discovery
 from .errors import ApiError, BadRequest, NotFound, Unauthorized, Unprocessable
-from .filters import FilterError, ListQuery, parse_list_params, parse_select
+from .filters import ListQuery, parse_list_params, parse_select
 from .models import API_CLIENT_AUTHORIZATION, CONTAINER, CONTAINER_REQUEST, LOG, USER, Resource
 from .states import Caller
 from .store import ListResult, Store, select_fields
@@ -39,6 +42,7 @@ STORE_KEY = web.AppKey("crunchgate.controller.store", Store)
 CONFIG_KEY = web.AppKey("crunchgate.controller.config", object)
 REGISTRY_KEY = web.AppKey("crunchgate.controller.registry", CollectorRegistry)
 LISTENERS_KEY = web.AppKey("crunchgate.controller.container_listeners", list)
+_METRICS_TASK_KEY = web.AppKey("crunchgate.controller.metrics_task", asyncio.Task)
 
 ContainerCallback = Callable[[dict[str, Any] | None, dict[str, Any]], None]
 
@@ -105,7 +109,8 @@ async def authenticate_request(request: web.Request, params: Mapping[str, Any] |
     if token is None:
         raise Unauthorized("Not logged in (no API token: send 'Authorization: Bearer <token>')")
     store = request.app[STORE_KEY]
-    if token == store.policy.system_root_token:
+    root = store.policy.system_root_token
+    if root and hmac.compare_digest(token.encode(), root.encode()):
         caller = store.system_caller
     else:
         caller = await store.run(store.authenticate, token)
@@ -398,8 +403,6 @@ def _middlewares(registry: CollectorRegistry) -> list[Any]:
                 response = await handler(request)
             except ApiError as exc:
                 response = error_response(exc.status, exc.message)
-            except FilterError as exc:  # pragma: no cover - FilterError is an ApiError
-                response = error_response(422, str(exc))
             except web.HTTPException as exc:
                 if exc.status >= 400 and request.path.startswith(("/arvados/", "/discovery/")):
                     response = error_response(exc.status, f"{exc.reason}: {request.path}")
@@ -447,6 +450,43 @@ def _middlewares(registry: CollectorRegistry) -> list[Any]:
 # --- the application ----------------------------------------------------------------------------
 
 
+STATE_METRICS_INTERVAL_S = 15.0
+
+
+def _add_state_metrics(app: web.Application, store: Store, registry: CollectorRegistry) -> None:
+    """``crunchgate_controller_containers{state}``, refreshed in the background (a scrape must
+    not query SQLite from the event loop)."""
+    from prometheus_client import Gauge
+
+    gauge = Gauge("crunchgate_controller_containers", "Containers by state.", ["state"],
+                  registry=registry)
+
+    async def refresh_forever() -> None:
+        while True:
+            try:
+                counts = await store.run(store.container_counts)
+            except Exception:
+                log.warning("cannot count containers for metrics", exc_info=True)
+            else:
+                for state in ("Queued", "Locked", "Running", "Complete", "Cancelled"):
+                    gauge.labels(state=state).set(counts.get(state, 0))
+            await asyncio.sleep(STATE_METRICS_INTERVAL_S)
+
+    async def start(app: web.Application) -> None:
+        task = asyncio.get_running_loop().create_task(refresh_forever())
+        app[_METRICS_TASK_KEY] = task
+
+    async def stop(app: web.Application) -> None:
+        task = app.get(_METRICS_TASK_KEY)
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    app.on_startup.append(start)
+    app.on_cleanup.append(stop)
+
+
 def add_container_listener(app: web.Application, callback: ContainerCallback) -> None:
     """Call ``callback(old, new)`` on the event loop after every container create/update.
 
@@ -467,7 +507,7 @@ def build_app(
     """The controller application: API routes, discovery, health, metrics, then each
     ``extra_setup(app)`` (which may add routes, middlewares, startup hooks)."""
     from dispatcher.metrics import new_registry
-    from dispatcher.service import create_service_app
+    from dispatcher.service import create_service_app, set_health_check
 
     registry = registry if registry is not None else new_registry()
     max_size = getattr(getattr(cfg, "api", None), "max_request_size", 134217728)
@@ -484,8 +524,6 @@ def build_app(
     add_api_routes(app)
 
     async def _wire_listeners(app: web.Application) -> None:
-        import asyncio
-
         loop = asyncio.get_running_loop()
         listeners: list[ContainerCallback] = app[LISTENERS_KEY]
 
@@ -496,6 +534,16 @@ def build_app(
         store.add_container_listener(from_db_thread)
 
     app.on_startup.append(_wire_listeners)
+    _add_state_metrics(app, store, registry)
+
+    async def _health() -> str | None:
+        try:
+            await store.run(store.ping)
+        except Exception as exc:
+            return f"database unusable: {exc}"
+        return None
+
+    set_health_check(app, _health)
     for setup in extra_setup:
         setup(app)
     return app

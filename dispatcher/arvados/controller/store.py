@@ -246,6 +246,15 @@ class Store:
         self._executor.shutdown(wait=True)
         self._conn.close()
 
+    def ping(self) -> None:
+        """Touch the database (health check); raises if it is unusable."""
+        self._conn.execute("SELECT count(*) FROM meta").fetchone()
+
+    def container_counts(self) -> dict[str, int]:
+        """Number of containers per state (metrics)."""
+        rows = self._conn.execute("SELECT state, count(*) FROM containers GROUP BY state")
+        return {state: n for state, n in rows}
+
     def add_container_listener(self, fn: ContainerListener) -> None:
         """Call ``fn(old, new)`` (on the database thread, after commit) for every container
         created or updated. ``old`` is None for a new container. Keep it cheap."""
