@@ -55,19 +55,21 @@ GO_FLAG_RE = re.compile(r"^-[a-z][a-z0-9-]+(=.*)?$", re.DOTALL)
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     """Options of ``crunch-run`` / ``crunchgate crunch-run``."""
     parser.add_argument("uuid", nargs="?", metavar="UUID", help="container UUID")
-    parser.add_argument("--runtime-engine", default="docker", choices=sorted(RUNTIMES),
+    # The single-dash spellings are Go crunch-run's (drop-in job scripts, CrunchRunArgumentsList).
+    parser.add_argument("--runtime-engine", "-runtime-engine", default="docker",
+                        choices=sorted(RUNTIMES),
                         help="how to run the container (default: docker)")
-    parser.add_argument("--list", action="store_true",
+    parser.add_argument("--list", "-list", action="store_true",
                         help="print the UUID of each crunch-run running on this host")
-    parser.add_argument("--kill", type=int, metavar="N",
+    parser.add_argument("--kill", "-kill", type=int, metavar="N",
                         help="send signal N to the crunch-run of UUID and wait up to 1s")
-    parser.add_argument("--detach", action="store_true",
+    parser.add_argument("--detach", "-detach", action="store_true",
                         help="run in the background, holding the per-container lock")
-    parser.add_argument("--stdin-config", action="store_true",
+    parser.add_argument("--stdin-config", "-stdin-config", action="store_true",
                         help='read {"Env": {...}} JSON from stdin (arvados-dispatch-cloud)')
-    parser.add_argument("--stdin-prices", action="store_true",
+    parser.add_argument("--stdin-prices", "-stdin-prices", action="store_true",
                         help="read an instance price history from stdin (accepted, ignored)")
-    parser.add_argument("--config", metavar="FILE",
+    parser.add_argument("--config", "-config", metavar="FILE",
                         help="cluster config (API host/token when the environment has none)")
     parser.add_argument("--lock-dir", default=None,
                         help=f"where lock files live (default ${LOCK_DIR_ENV} or /var/lock)")
@@ -99,8 +101,10 @@ def normalize_argv(argv: Sequence[str]) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The ``crunch-run`` console script."""
-    parser = argparse.ArgumentParser(prog="crunch-run", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="crunch-run",
+        description="The compute-node supervisor: runs one Arvados container (or lists/kills "
+        "the crunch-run processes on this host).")
     configure_parser(parser)
     raw = normalize_argv(sys.argv[1:] if argv is None else argv)
     args, unknown = parser.parse_known_args(raw)

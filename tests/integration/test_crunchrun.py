@@ -232,7 +232,7 @@ def test_sigterm_cancels(cr: CrunchRun) -> None:
 def test_sigkill_after_grace_for_stubborn_process(cr: CrunchRun) -> None:
     script = "trap '' TERM; echo ready; while :; do sleep 0.1; done"
     uuid = locked(cr.api, ["sh", "-c", script], scheduling_parameters={"max_run_time": 1})
-    assert cr.run(uuid).returncode == 0
+    assert cr.run("--kill-grace=0.5", uuid).returncode == 0
     assert cr.api.container(uuid)["state"] == "Cancelled"
     assert "sending SIGKILL" in cr.api.log_text(uuid, "crunch-run")
 
@@ -276,3 +276,23 @@ def test_detach_list_kill(cr: CrunchRun) -> None:
     assert cr.api.container(uuid)["state"] == "Cancelled"
     assert cr.run("-list").stdout == ""
     assert not lock.exists()
+
+
+def test_detach_with_stdin_config_like_dispatch_cloud(cr: CrunchRun) -> None:
+    """arvados-dispatch-cloud's way: credentials and secret as JSON on stdin, not in env."""
+    uuid = locked(cr.api, ["sh", "-c", "env; echo done"])
+    env = {k: v for k, v in cr.env().items() if not k.startswith(("ARVADOS_", "Gateway"))}
+    config = {"Env": {"ARVADOS_API_HOST": cr.api.url, "ARVADOS_API_TOKEN": cr.api.token,
+                      "ARVADOS_API_HOST_INSECURE": "1", "GatewayAuthSecret": SECRET,
+                      "InstanceType": {"Name": "small"}},
+              "KeepBuffers": 0, "EC2SpotCheck": False, "Cluster": None}
+    res = subprocess.run(cr.argv("-detach", "-stdin-config", uuid), env=env, text=True,
+                         input=json.dumps(config), capture_output=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    wait_for(lambda: cr.api.container(uuid)["state"] == "Complete", what="Complete")
+    out = cr.api.log_text(uuid, "stdout")
+    assert out.endswith("done\n")
+    assert SECRET not in out and cr.api.token not in out
+    assert "InstanceType" not in out  # crunch-run's own environment is not the container's
+    log_file = cr.scratch / f"crunch-run-{uuid}.log"
+    assert log_file.exists() and SECRET not in log_file.read_text()

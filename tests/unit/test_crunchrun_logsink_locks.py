@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import io
 import json
@@ -234,3 +235,39 @@ def test_gateway_hook_styles(style: str, monkeypatch: pytest.MonkeyPatch) -> Non
     asyncio.run(go())
     want = {"acm": ["enter", "exit"], "aclose": ["aclose"], "awaitable": ["aclose"]}[style]
     assert events == [f"start {UUID}", *want]
+
+
+def test_gateway_close_is_bounded_and_recancels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A gateway whose first cancellation is lost is cancelled again; close never hangs."""
+    events: list[str] = []
+
+    class Sticky:
+        def __init__(self) -> None:
+            self.task = asyncio.get_running_loop().create_task(self.loop())
+
+        async def loop(self) -> None:
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                events.append("first cancel swallowed")
+            await asyncio.sleep(3600)  # the second cancel ends it
+
+        async def aclose(self) -> None:
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.task
+            events.append("closed")
+
+    mod = types.ModuleType("sticky_agent")
+    mod.start_gateway = lambda ctx: Sticky()  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "sticky_agent", mod)
+
+    async def go() -> bool:
+        handle = await start_gateway(_ctx(), "sticky_agent")
+        assert handle is not None
+        handle.close_timeout_s = 5
+        await handle.aclose()
+        return all(t.done() for t in asyncio.all_tasks() if t is not asyncio.current_task())
+
+    assert asyncio.run(go())
+    assert events[0] == "first cancel swallowed"
