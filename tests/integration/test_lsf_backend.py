@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -188,3 +189,36 @@ def test_no_script_or_secret_in_logs(lsf_sim: LsfSim, tmp_path: Path,
     assert "bsub command" in text and UUID in text  # we did log the submission...
     for needle in (secret, TOKEN, TOKEN.rsplit("/", 1)[1], "GatewayAuthSecret", "exec "):
         assert needle not in text  # ...but neither the script nor the token
+
+
+def test_bkill_hang_times_out(lsf_sim: LsfSim, tmp_path: Path) -> None:
+    be = make_backend(make_cfg(tmp_path), lsf_sim, timeout_s=1.0)
+    core_run(be.submit(ctr()))
+    lsf_sim.inject("bkill", "hang", seconds=30)
+    t0 = time.monotonic()
+    with pytest.raises(CancelFailed, match="no answer within"):
+        core_run(be.cancel(UUID, Job(name=UUID, job_id="101")))
+    assert time.monotonic() - t0 < 20  # killed at the timeout, not after the hang
+
+
+def test_sudo_prefix_is_run_with_the_environment(lsf_sim: LsfSim, tmp_path: Path) -> None:
+    # A stand-in for sudo that checks the reference's "-E -u <user>" and runs the rest.
+    bindir = tmp_path / "sudo-bin"
+    bindir.mkdir()
+    log = tmp_path / "sudo.log"
+    sudo = bindir / "sudo"
+    sudo.write_text(
+        "#!/bin/sh\n"
+        '[ "$1" = -E ] && [ "$2" = -u ] && [ "$3" = crunch ] || { echo "bad sudo $*" >&2; exit 1; }\n'
+        f'shift 3; echo "$* token=${{ARVADOS_API_TOKEN:+set}}" >> {log}; exec "$@"\n')
+    sudo.chmod(0o755)
+    env = lsf_sim.env()
+    env["PATH"] = f"{bindir}:{env['PATH']}"
+    cfg = make_cfg(tmp_path)
+    cfg.containers.lsf.bsub_sudo_user = "crunch"
+    be = LsfBackend(cfg, cli=LsfCLI(sudo_user="crunch", timeout_s=5, env=env))
+    core_run(be.submit(ctr()))
+    core_run(be.cancel(UUID, core_run(be.list_jobs())[UUID]))
+    lines = log.read_text().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("bsub -o ") and lines[0].endswith("token=set")
+    assert lsf_sim.calls("bkill")  # bkill ran without sudo, as in the reference
