@@ -70,9 +70,9 @@ class CrunchRun:
         return [sys.executable, "-m", "dispatcher.crunchrun.main", "-runtime-engine=local",
                 "--poll-interval=0.2", "--kill-grace=3", "--log-flush-interval=0.2", *args]
 
-    def start(self, *args: str) -> subprocess.Popen[str]:
-        p = subprocess.Popen(self.argv(*args), env=self.env(), stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
+    def start(self, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+        p = subprocess.Popen(self.argv(*args), env={**self.env(), **(env or {})},
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.procs.append(p)
         return p
 
@@ -296,3 +296,64 @@ def test_detach_with_stdin_config_like_dispatch_cloud(cr: CrunchRun) -> None:
     assert "InstanceType" not in out  # crunch-run's own environment is not the container's
     log_file = cr.scratch / f"crunch-run-{uuid}.log"
     assert log_file.exists() and SECRET not in log_file.read_text()
+
+
+FAKE_DOCKER = r"""#!PYTHON
+# A stand-in for the docker CLI: "run" execs the command after the image with the --env
+# variables; "kill" signals that process; "inspect" prints an IP. State lives in $DOCKER_CONFIG.
+import json, os, signal, sys
+state = os.environ["DOCKER_CONFIG"]
+args = sys.argv[1:]
+with open(os.path.join(state, "calls"), "a") as f:
+    f.write(json.dumps(args) + "\n")
+if args[0] == "run":
+    i, env, name = 1, {}, ""
+    while args[i].startswith("-"):
+        a = args[i]
+        if a.startswith("--env="):
+            k, eq, v = a[6:].partition("=")
+            env[k] = v if eq else os.environ[k]
+        elif a.startswith("--name="):
+            name = a[7:]
+        i += 1
+    with open(os.path.join(state, name + ".pid"), "w") as f:
+        f.write(str(os.getpid()))
+    env.update(PATH=os.environ["PATH"], FAKE_IMAGE=args[i])
+    os.execvpe(args[i + 1], args[i + 1:], env)
+elif args[0] == "kill":
+    sig = getattr(signal, args[1].split("=", 1)[1])
+    with open(os.path.join(state, args[2] + ".pid")) as f:
+        os.kill(int(f.read()), sig)
+elif args[0] == "inspect":
+    print("127.0.0.1")
+"""
+
+
+def test_docker_runtime_through_a_fake_docker_cli(cr: CrunchRun, tmp_path: Path) -> None:
+    bindir = tmp_path / "bin"
+    state = tmp_path / "docker-state"
+    bindir.mkdir()
+    state.mkdir()
+    docker = bindir / "docker"
+    docker.write_text(FAKE_DOCKER.replace("PYTHON", sys.executable))
+    docker.chmod(0o755)
+    uuid = locked(cr.api, ["sh", "-c", "echo img=$FAKE_IMAGE tmp=$TMPDIR; env; exec sleep 300"],
+                  container_image="debian:12", cwd="/inside",
+                  runtime_constraints={"vcpus": 2, "ram": 1 << 30, "API": True})
+    p = cr.start("--runtime-engine=docker", uuid,
+                 env={"PATH": f"{bindir}:{os.environ['PATH']}", "DOCKER_CONFIG": str(state)})
+    wait_for(lambda: "img=" in cr.api.log_text(uuid, "stdout"), what="container output")
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(30) == 0
+    assert cr.api.container(uuid)["state"] == "Cancelled"
+    out = cr.api.log_text(uuid, "stdout")
+    assert out.startswith("img=debian:12 tmp=/tmp\n")
+    assert "ARVADOS_API_TOKEN=[REDACTED]" in out  # runtime token reached the container
+    assert SECRET not in out and "GatewayAuthSecret" not in out
+    calls = [json.loads(line) for line in (state / "calls").read_text().splitlines()]
+    run_call = next(c for c in calls if c[0] == "run")
+    assert f"--name={uuid}" in run_call and "--workdir=/inside" in run_call
+    assert "--cpus=2" in run_call and f"--memory={1 << 30}" in run_call
+    assert "--env=ARVADOS_API_TOKEN" in run_call  # name only: the value is not in ps output
+    assert not any(RUNTIME_TOKEN in a for a in run_call)
+    assert ["kill", "--signal=SIGTERM", uuid] in calls
