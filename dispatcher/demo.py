@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -433,6 +434,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         demo.data = Path(tempfile.mkdtemp(prefix="crunchgate-demo-"))
     keep = False
+    status = 1
     try:
         status = asyncio.run(run_demo(demo))
         keep = args.keep
@@ -442,9 +444,14 @@ def run(args: argparse.Namespace) -> int:
         return 1
     except KeyboardInterrupt:
         console.print("[yellow]interrupted: stopping everything the demo started")
+        status = 130
         return 130
     finally:
         if keep:
             print_keep_instructions(demo)
         else:
             cleanup(demo)
+            if status == 0 and not args.data:
+                shutil.rmtree(demo.data, ignore_errors=True)
+            else:
+                console.print(f"config and logs kept in {demo.data}")

@@ -34,7 +34,7 @@ import logging
 import random
 import re
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
@@ -63,13 +63,23 @@ class ArvadosAPI(Protocol):
     """The part of :class:`dispatcher.arvados.client.ArvadosClient` the loop uses."""
 
     async def current_token(self) -> dict[str, Any]: ...
-    async def list(self, resource: str, **kw: Any) -> dict[str, Any]: ...
-    async def get(self, resource: str, uuid: str, **kw: Any) -> dict[str, Any]: ...
-    async def update(self, resource: str, uuid: str, attrs: dict[str, Any]) -> dict[str, Any]: ...
+    async def list(
+        self, resource: str, *, filters: Sequence[Any] | None = None,
+        order: Sequence[str] | str | None = None, select: Sequence[str] | None = None,
+        limit: int | None = None, offset: int | None = None, count: str | None = None,
+    ) -> dict[str, Any]: ...
+    async def get(
+        self, resource: str, uuid: str, *, select: Sequence[str] | None = None
+    ) -> dict[str, Any]: ...
+    async def update(
+        self, resource: str, uuid: str, attrs: Mapping[str, Any]
+    ) -> dict[str, Any]: ...
     async def lock(self, uuid: str) -> dict[str, Any]: ...
     async def unlock(self, uuid: str) -> dict[str, Any]: ...
-    async def create_log(self, object_uuid: str, event_type: str, text: str | None = None,
-                         properties: dict[str, Any] | None = None) -> dict[str, Any]: ...
+    async def create_log(
+        self, object_uuid: str, event_type: str, text: str | None = None,
+        properties: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]: ...
 
 
 # --- the decision table -----------------------------------------------------------------------
@@ -315,7 +325,13 @@ class Dispatcher:
                 await self._sleep(self._poll_delay(), stop)
         self.consecutive_failures = 0
         while not stop.is_set():
-            await self.poll_once()
+            try:
+                await self.poll_once()
+            except Exception:
+                # A bug or a malformed record must not end the dispatcher: log, back off, retry.
+                self.consecutive_failures += 1
+                self.metrics.errors.labels("internal").inc()
+                log.exception("unexpected error in dispatch poll")
             await self._sleep(self._poll_delay(), stop)
         await self.close()
 

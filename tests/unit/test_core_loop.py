@@ -629,3 +629,30 @@ def test_submit_finishing_during_the_job_listing_is_not_taken_as_vanished():
     core_run(go())
     assert api.ops("unlock") == [] and api.ops("get") == []
     assert be.submitted == [uuid]
+
+
+def test_unexpected_error_in_a_poll_does_not_end_the_loop():
+    api, be, d, _ = setup()
+    uuid = api.add_container("Queued", 1)
+    original = api.list
+    broken = [True]
+
+    async def list_once_malformed(resource, **kw):
+        out = await original(resource, **kw)
+        if broken[0] and out["items"]:
+            broken[0] = False
+            out["items"] = [{"no": "uuid"}]  # a malformed record: KeyError in the poll
+        return out
+    api.list = list_once_malformed
+
+    async def go():
+        stop = asyncio.Event()
+        task = asyncio.create_task(d.run(stop))
+        for _ in range(500):
+            if be.submitted:
+                break
+            await asyncio.sleep(0.01)
+        stop.set()
+        await asyncio.wait_for(task, 5)
+    core_run(go())
+    assert not broken[0] and be.submitted == [uuid]
