@@ -214,8 +214,14 @@ def response_head(status_line: str, headers: dict[str, str]) -> bytes:
 class _ChainedPipe(LocalPipe):
     chained: asyncio.BaseProtocol | None = None
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
+        if not self.lost.done():
+            self.lost.set_result(None)
         chained, self.chained = self.chained, None
         if chained is not None:
             with contextlib.suppress(Exception):
@@ -532,15 +538,14 @@ class Broker:
             st.abort()
             raise
         log.info("shell session started", extra={"container_uuid": uuid})
-        done = asyncio.ensure_future(st.done)
         try:
-            await done
-            while pipe.transport is not None:
-                # The stream is over; let the last bytes reach the client, then we are done.
-                await asyncio.sleep(0.05)
+            await st.done
+            if pipe.transport is not None:
+                # The stream is over: let the last bytes reach the client, then close.
                 pipe.transport.close()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(pipe.lost), 10)
         finally:
-            done.cancel()
             if pipe.transport is not None:
                 pipe.transport.abort()
         log.info("shell session closed", extra={"container_uuid": uuid, "fields": {

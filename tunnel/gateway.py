@@ -78,6 +78,7 @@ class _Session(asyncssh.SSHServerSession):  # type: ignore[misc]
         self.task: asyncio.Task[None] | None = None
         self._write_paused = False
         self._stdin_eof = False
+        self._early: list[bytes] = []  # stdin that arrived before the command started
 
     # --- channel requests ------------------------------------------------------------------
 
@@ -122,7 +123,9 @@ class _Session(asyncssh.SSHServerSession):  # type: ignore[misc]
         return True
 
     def data_received(self, data: bytes, datatype: Any) -> None:
-        if self.master is not None:
+        if self.master is None and self.proc is None:
+            self._early.append(data)
+        elif self.master is not None:
             with contextlib.suppress(OSError):
                 os.write(self.master, data)
         elif self.proc is not None and self.proc.stdin is not None:
@@ -195,8 +198,12 @@ class _Session(asyncssh.SSHServerSession):  # type: ignore[misc]
             *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE, env=self._env(), cwd=cwd, start_new_session=True)
         self.proc = proc
-        if self._stdin_eof and proc.stdin is not None:
-            proc.stdin.close()
+        if proc.stdin is not None:
+            for chunk in self._early:
+                proc.stdin.write(chunk)
+            self._early.clear()
+            if self._stdin_eof:
+                proc.stdin.close()
 
         async def pump(reader: asyncio.StreamReader | None, write: Callable[[bytes], None]
                        ) -> None:
@@ -215,17 +222,26 @@ class _Session(asyncssh.SSHServerSession):  # type: ignore[misc]
         _set_winsize(master, *self.size)
         os.set_blocking(master, False)
 
-        def make_controlling_tty() -> None:  # runs in the child, after setsid
-            fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+        def make_controlling_tty() -> None:
+            # Runs in the child. Event loops differ on whether stdio is already the pty and
+            # whether setsid() already happened (uvloop: neither), so do both by hand, on the
+            # slave descriptor, which is still open until exec.
+            with contextlib.suppress(OSError):
+                os.setsid()
+            fcntl.ioctl(slave, termios.TIOCSCTTY, 0)
 
         try:
             proc = await asyncio.create_subprocess_exec(
                 *argv, stdin=slave, stdout=slave, stderr=slave, env=self._env(), cwd=cwd,
-                start_new_session=True, preexec_fn=make_controlling_tty)
+                preexec_fn=make_controlling_tty)
         finally:
             os.close(slave)
         self.proc = proc
         self.master = master
+        for chunk in self._early:
+            with contextlib.suppress(OSError):
+                os.write(master, chunk)
+        self._early.clear()
         self._master_done = asyncio.get_running_loop().create_future()
         if not self._write_paused:
             asyncio.get_running_loop().add_reader(master, self._read_master)
