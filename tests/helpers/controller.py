@@ -23,6 +23,11 @@ Both yield a :class:`ControllerProcess`::
         controller.api()          # the real Arvados Python SDK client (root token by default)
         controller.restart()      # same port, config and data
         controller.stop()
+        # Direct API calls in the dispatchers' wire format (form bodies, root token default):
+        status, body = controller.request("GET", "arvados/v1/containers", {"limit": 1})
+        ctr = controller.create_container(command=["true"], priority=1)   # admin create, Queued
+        controller.get_container(ctr["uuid"]); controller.update_container(uuid, state="Cancelled")
+        controller.wait_container(uuid, {"Complete", "Cancelled"}, timeout_s=60)  # poll
 
 For extra config (e.g. ``Containers.MaxDispatchAttempts``) call :func:`start_controller`
 yourself with ``extra_config={"Containers": {"MaxDispatchAttempts": 2}}`` and stop it in a
@@ -41,6 +46,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -196,6 +202,67 @@ class ControllerProcess:
     def restart(self) -> None:
         self.stop()
         self.start()
+
+    def request(self, method: str, path: str, params: Mapping[str, Any] | None = None,
+                token: str | None = None) -> tuple[int, Any]:
+        """One API call as the dispatchers make it: GET params in the query string, others in a
+        form body; strings raw, everything else JSON. Returns (status, decoded JSON or text);
+        HTTP errors are returned, not raised."""
+        encoded = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (params or {}).items()}
+        url = f"{self.url}/{path.lstrip('/')}"
+        data = None
+        if method == "GET":
+            if encoded:
+                url += "?" + urllib.parse.urlencode(encoded)
+        else:
+            data = urllib.parse.urlencode(encoded).encode()
+        req = urllib.request.Request(
+            url, data=data, method=method,
+            headers={"Authorization": f"Bearer {token or self.root_token}"},
+        )
+        try:
+            with urllib.request.urlopen(req, context=self.ssl_context(), timeout=30) as resp:
+                status, body = resp.status, resp.read()
+        except urllib.error.HTTPError as exc:
+            status, body = exc.code, exc.read()
+        try:
+            return status, json.loads(body)
+        except ValueError:
+            return status, body.decode(errors="replace")
+
+    def _ok(self, method: str, path: str, params: Mapping[str, Any] | None = None) -> Any:
+        status, body = self.request(method, path, params)
+        if status != 200:
+            raise RuntimeError(f"{method} {path} -> {status}: {body}")
+        return body
+
+    def create_container(self, **attrs: Any) -> dict[str, Any]:
+        """Create a Queued container directly (admin), e.g. ``command=[...], priority=1``."""
+        result: dict[str, Any] = self._ok("POST", "arvados/v1/containers", {"container": attrs})
+        return result
+
+    def get_container(self, uuid: str) -> dict[str, Any]:
+        result: dict[str, Any] = self._ok("GET", f"arvados/v1/containers/{uuid}")
+        return result
+
+    def update_container(self, uuid: str, **attrs: Any) -> dict[str, Any]:
+        result: dict[str, Any] = self._ok("PUT", f"arvados/v1/containers/{uuid}",
+                                          {"container": attrs})
+        return result
+
+    def wait_container(self, uuid: str, states: set[str] | frozenset[str],
+                       timeout_s: float = 60.0, poll_s: float = 0.1) -> dict[str, Any]:
+        """Poll until the container's state is one of ``states``; return it (or raise with the
+        last record seen when the deadline passes)."""
+        deadline = time.monotonic() + timeout_s
+        ctr = self.get_container(uuid)
+        while ctr["state"] not in states:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"container {uuid} still {ctr['state']} after {timeout_s}s "
+                                   f"(wanted {sorted(states)}): {ctr}")
+            time.sleep(poll_s)
+            ctr = self.get_container(uuid)
+        return ctr
 
     def add_user(self, name: str, admin: bool = False) -> str:
         """Create a user (``crunchgate controller add-user``) and return its API token."""

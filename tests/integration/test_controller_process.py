@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -15,38 +14,27 @@ from tests.helpers.controller import ControllerProcess, start_controller
 
 
 class Http:
-    """A tiny client speaking the dispatchers' legacy wire format."""
+    """The helper's legacy-format caller, bound to one token (None: no Authorization)."""
 
     def __init__(self, ctl: ControllerProcess, token: str | None) -> None:
         self.ctl = ctl
         self.token = token
-        self.ctx = ctl.ssl_context()
 
-    def call(self, method: str, path: str, params: dict[str, Any] | None = None,
-             headers: dict[str, str] | None = None) -> tuple[int, Any]:
-        encoded = {k: v if isinstance(v, str) else json.dumps(v)
-                   for k, v in (params or {}).items()}
-        url = f"{self.ctl.url}/{path.lstrip('/')}"
-        data = None
-        if method == "GET":
-            if encoded:
-                url += "?" + urllib.parse.urlencode(encoded)
-        else:
-            data = urllib.parse.urlencode(encoded).encode()
-        hdrs = dict(headers or {})
-        if self.token:
-            hdrs["Authorization"] = f"Bearer {self.token}"
-        req = urllib.request.Request(url, data=data, method=method, headers=hdrs)
+    def call(self, method: str, path: str, params: dict[str, Any] | None = None) -> tuple[int, Any]:
+        if self.token is None:
+            return self._anonymous(method, path, params)
+        return self.ctl.request(method, path, params, token=self.token)
+
+    def _anonymous(self, method: str, path: str, params: dict[str, Any] | None) -> tuple[int, Any]:
+        url = f"{self.ctl.url}/{path}"
+        if params:
+            url += "?" + urllib.parse.urlencode(params)
+        req = urllib.request.Request(url, method=method)
         try:
-            with urllib.request.urlopen(req, context=self.ctx, timeout=10) as resp:
-                body = resp.read()
-                status = resp.status
+            with urllib.request.urlopen(req, context=self.ctl.ssl_context(), timeout=10) as resp:
+                return resp.status, resp.read().decode()
         except urllib.error.HTTPError as exc:
-            body, status = exc.read(), exc.code
-        try:
-            return status, json.loads(body)
-        except ValueError:
-            return status, body.decode(errors="replace")
+            return exc.code, exc.read().decode()
 
 
 def test_restart_keeps_data(controller: ControllerProcess) -> None:
@@ -194,3 +182,15 @@ def test_cli_usage_errors(controller_session: ControllerProcess, args: list[str]
                           str(controller_session.data_dir)],
                          capture_output=True, text=True, timeout=60, check=False)
     assert out.returncode == 2 and out.stdout == ""
+
+
+def test_helper_container_calls(controller_session: ControllerProcess) -> None:
+    ctl = controller_session
+    ctr = ctl.create_container(command=["true"], priority=2)
+    assert ctl.get_container(ctr["uuid"])["state"] == "Queued"
+    with pytest.raises(TimeoutError):
+        ctl.wait_container(ctr["uuid"], {"Complete"}, timeout_s=0.2)
+    ctl.update_container(ctr["uuid"], state="Cancelled")
+    assert ctl.wait_container(ctr["uuid"], {"Complete", "Cancelled"})["state"] == "Cancelled"
+    with pytest.raises(RuntimeError, match="422"):
+        ctl.update_container(ctr["uuid"], state="Queued")
