@@ -73,6 +73,15 @@ class LsfBackend(Backend):
         url = controller_url if controller_url is not None else config_controller_url(cfg)
         self.bsub_env = bsubargs.bsub_environment(cfg, url)
 
+    async def start(self) -> None:
+        """Probe bjobs once, so that a missing LSF client or an LSF without ``-o``/``-json``
+        support is reported loudly at startup rather than as a poll warning (field lesson 29).
+        Not fatal: LSF may simply be down for now, and the loop keeps trying."""
+        try:
+            await self.cli.bjobs()
+        except LsfCommandError as exc:
+            log.error("LSF is not usable yet (the dispatcher keeps trying): %s", exc)
+
     async def list_jobs(self) -> dict[str, Job]:
         try:
             jobs = await self.cli.bjobs()

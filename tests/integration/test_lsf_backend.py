@@ -222,3 +222,14 @@ def test_sudo_prefix_is_run_with_the_environment(lsf_sim: LsfSim, tmp_path: Path
     lines = log.read_text().splitlines()
     assert len(lines) == 1 and lines[0].startswith("bsub -o ") and lines[0].endswith("token=set")
     assert lsf_sim.calls("bkill")  # bkill ran without sudo, as in the reference
+
+
+def test_start_reports_missing_lsf_loudly(tmp_path: Path,
+                                          caplog: pytest.LogCaptureFixture) -> None:
+    env = {"PATH": str(tmp_path / "empty")}
+    be = LsfBackend(make_cfg(tmp_path), cli=LsfCLI(timeout_s=5, env=env))
+    core_run(be.start())  # not fatal
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert any("install the LSF client commands" in m for m in errors), errors
+    with pytest.raises(QueryFailed, match="bjobs"):
+        core_run(be.list_jobs())
