@@ -25,6 +25,7 @@ still not propagated to LSF (as in the reference; see docs/lsf.md).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -40,6 +41,9 @@ from dispatcher.lsf.commands import LsfCLI, LsfCommandError
 from dispatcher.lsf.parse import BkillOutcome, LsfJob, pending_reason_text
 
 log = get_logger("lsf")
+
+# The job name is the container UUID; anything else is refused before it reaches bsub.
+UUID_RE = re.compile(r"^[a-z0-9]{5}-dz642-[a-z0-9]{15}$")
 
 def to_job(lj: LsfJob) -> Job:
     """A bjobs record as the loop's :class:`Job`."""
@@ -102,8 +106,11 @@ class LsfBackend(Backend):
             raise SubmitFailed(exc.message, permanent=True) from None
 
     async def submit(self, ctr: Mapping[str, Any]) -> None:
-        uuid = str(ctr["uuid"])
+        uuid = str(ctr.get("uuid") or "")
         ctx = {"container_uuid": uuid}
+        if not UUID_RE.match(uuid):
+            raise SubmitFailed(f"refusing to submit an LSF job for malformed container UUID "
+                               f"{uuid!r}", permanent=True)
         self.check_constraints(ctr)
         try:
             args = bsubargs.bsub_arguments(self.cfg, ctr)

@@ -233,3 +233,10 @@ def test_start_reports_missing_lsf_loudly(tmp_path: Path,
     assert any("install the LSF client commands" in m for m in errors), errors
     with pytest.raises(QueryFailed, match="bjobs"):
         core_run(be.list_jobs())
+
+
+@pytest.mark.parametrize("bad", ["", "zzzzz-dz642-short", "-J evil", "zzzzz-dz642-lsfbackend0000\n"])
+def test_malformed_uuid_is_refused(lsf_sim: LsfSim, tmp_path: Path, bad: str) -> None:
+    with pytest.raises(SubmitFailed, match="malformed container UUID") as ei:
+        core_run(make_backend(make_cfg(tmp_path), lsf_sim).submit(ctr(bad)))
+    assert ei.value.permanent and lsf_sim.calls("bsub") == []
