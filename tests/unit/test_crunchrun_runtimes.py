@@ -122,7 +122,7 @@ def test_spec_validation() -> None:
         make_runtime("docker", spec(image="d41d8cd98f00b204e9800998ecf8427e+0"))
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(command=st.lists(text, min_size=1, max_size=5),
        env=st.dictionaries(env_name, text, max_size=4), cwd=text)
 def test_docker_every_value_is_one_argv_element(command: list[str], env: dict[str, str],
@@ -141,7 +141,7 @@ def test_docker_every_value_is_one_argv_element(command: list[str], env: dict[st
     assert all(o.startswith("--") or o in ("docker", "run", "-i") for o in options)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(command=st.lists(text, min_size=1, max_size=5),
        env=st.dictionaries(env_name, text, max_size=4), cwd=text)
 def test_singularity_every_value_is_one_argv_element(command: list[str], env: dict[str, str],
