@@ -86,6 +86,7 @@ def test_submit_runs_detached_job_and_cancel_sends_sigterm(local_env):
     assert stat.S_IMODE(script.stat().st_mode) == 0o600
     assert stat.S_IMODE(jobdir.stat().st_mode) == 0o700
     assert script.read_text().startswith("#!/bin/sh\nGatewayAuthSecret='")
+    assert ROOT_TOKEN not in script.read_text()  # credentials go in the environment only
     # submitting again is a no-op (job name = container UUID)
     core_run(be.submit({"uuid": u}))
     assert list(listed(be)) == [u]
@@ -175,3 +176,15 @@ def test_finished_job_is_forgotten(local_env):
     core_run(be.submit({"uuid": u}))
     wait_for(lambda: u not in listed(be))
     assert f"start {u}" in out.read_text()
+
+
+def test_job_environment_carries_the_api_credentials():
+    from dispatcher.local.cli import job_environment
+
+    cfg = ClusterConfig(cluster_id="zzzzz", system_root_token=ROOT_TOKEN)
+    cfg.services.controller.external_url = "https://ctl.example:8443"
+    env = job_environment(cfg, {"PATH": "/bin"})
+    assert env == {"PATH": "/bin", "ARVADOS_API_HOST": "ctl.example:8443",
+                   "ARVADOS_API_TOKEN": ROOT_TOKEN, "ARVADOS_API_HOST_INSECURE": ""}
+    cfg.tls.insecure = True
+    assert job_environment(cfg, {})["ARVADOS_API_HOST_INSECURE"] == "1"
