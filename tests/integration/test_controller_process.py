@@ -194,3 +194,11 @@ def test_helper_container_calls(controller_session: ControllerProcess) -> None:
     assert ctl.wait_container(ctr["uuid"], {"Complete", "Cancelled"})["state"] == "Cancelled"
     with pytest.raises(RuntimeError, match="422"):
         ctl.update_container(ctr["uuid"], state="Queued")
+
+
+def test_controller_hosts_the_tunnel_broker(controller_session: ControllerProcess) -> None:
+    pytest.importorskip("tunnel.broker")
+    ctl = controller_session
+    # The broker's routes are mounted: the pre-POST shell endpoint answers 410 as in Arvados.
+    status, _ = ctl.request("GET", "arvados/v1/connect/zzzzz-dz642-000000000000000/ssh")
+    assert status == 410

@@ -46,6 +46,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                              "$CRUNCHGATE_DATA, /var/lib/crunchgate/<ID> or "
                              "~/.local/share/crunchgate/<ID>)")
     parser.add_argument("--admin", action="store_true", help="add-user: make the user an admin")
+    parser.add_argument("--no-broker", action="store_true",
+                        help="do not host the tunnel broker (container shells, gateway tunnels)")
 
 
 def data_directory(cfg: Any, override: str | None = None) -> Path:
@@ -67,22 +69,45 @@ def open_store(cfg: Any, data_dir: Path) -> Store:
     return Store(data_dir / DB_FILE, Policy.from_config(cfg))
 
 
-def tls_context(cfg: Any, data_dir: Path, hostnames: list[str]) -> ssl.SSLContext:
-    """Server TLS context: the configured certificate, else the generated development one."""
+def tls_context(cfg: Any, data_dir: Path, hostnames: list[str]) -> tuple[ssl.SSLContext, str | None]:
+    """Server TLS context: the configured certificate, else the generated development one.
+
+    Also returns the dev CA file when one was generated (None with a configured certificate),
+    for in-process clients of this controller (the tunnel broker)."""
+    ca_file = None
     if cfg.tls.certificate and cfg.tls.key:
         cert, key = strip_file_url(cfg.tls.certificate), strip_file_url(cfg.tls.key)
     else:
         paths = ensure_dev_certs(data_dir, hostnames)
-        cert, key = str(paths.cert), str(paths.key)
+        cert, key, ca_file = str(paths.cert), str(paths.key), str(paths.ca_cert)
         log.info("using development TLS certificate", extra={"fields": {
             "certificate": cert, "ca_certificate": str(paths.ca_cert)}})
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.load_cert_chain(cert, key)
-    return ctx
+    return ctx, ca_file
+
+
+def broker_setup(cfg: Any, ca_file: str | None) -> Any:
+    """The tunnel broker as an ``extra_setup`` callable (the embedded controller hosts it), or
+    None when the ``tunnel`` package is not available."""
+    try:
+        from tunnel.broker import controller_setup
+    except ImportError as exc:
+        log.warning("tunnel broker not available, container shells are disabled: %s", exc)
+        return None
+    from dispatcher.config import service_internal_url
+
+    return controller_setup(cfg, ca_file=ca_file,
+                            internal_url=service_internal_url(cfg, "Controller"))
 
 
 async def serve(
-    cfg: Any, data_dir: Path, *, extra_setup: tuple[Any, ...] = (), config_path: str | None = None
+    cfg: Any,
+    data_dir: Path,
+    *,
+    extra_setup: tuple[Any, ...] = (),
+    config_path: str | None = None,
+    with_broker: bool = True,
 ) -> None:
     """Run the controller until SIGTERM/SIGINT."""
     from dispatcher.config import controller_url, listen_url
@@ -99,7 +124,11 @@ async def serve(
         ext = urlsplit(controller_url(cfg)).hostname
         if ext:
             names.append(ext)
-    ctx = tls_context(cfg, data_dir, names) if parts.scheme == "https" else None
+    ctx, ca_file = tls_context(cfg, data_dir, names) if parts.scheme == "https" else (None, None)
+    if with_broker:
+        broker = broker_setup(cfg, ca_file)
+        if broker is not None:
+            extra_setup = (*extra_setup, broker)
     if ctx is None:
         log.warning("serving plain HTTP: the Arvados SDK needs HTTPS (put a TLS proxy in front)")
 
