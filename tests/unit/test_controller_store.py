@@ -290,3 +290,26 @@ def test_data_survives_reopen(tmp_path: Path) -> None:
         assert s.authenticate(token).user_uuid.startswith("zzzzz-tpzed-")
     finally:
         s.close()
+
+
+def test_sweep_logs(tmp_path: Path) -> None:
+    clock = Clock()
+    s = Store(tmp_path / "db", Policy(system_root_token=ROOT_TOKEN), clock=clock)
+    try:
+        root = s.system_caller
+        old = s.create_log(root, {"object_uuid": "zzzzz-dz642-000000000000001",
+                                  "event_type": "stdout", "properties": {"text": "old"}})
+        kept = s.create_log(root, {"object_uuid": "zzzzz-dz642-000000000000001",
+                                   "event_type": "audit", "properties": {}})
+        clock.t += 3600
+        new = s.create_log(root, {"object_uuid": "zzzzz-dz642-000000000000001",
+                                  "event_type": "stderr", "properties": {"text": "new"}})
+        assert s.sweep_logs(1800) == 1
+        for doc, present in ((old, False), (kept, True), (new, True)):
+            if present:
+                assert s.get(LOG, root, doc["uuid"])["uuid"] == doc["uuid"]
+            else:
+                with pytest.raises(NotFound):
+                    s.get(LOG, root, doc["uuid"])
+    finally:
+        s.close()

@@ -20,7 +20,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,7 +42,8 @@ STORE_KEY = web.AppKey("crunchgate.controller.store", Store)
 CONFIG_KEY = web.AppKey("crunchgate.controller.config", object)
 REGISTRY_KEY = web.AppKey("crunchgate.controller.registry", CollectorRegistry)
 LISTENERS_KEY = web.AppKey("crunchgate.controller.container_listeners", list)
-_METRICS_TASK_KEY = web.AppKey("crunchgate.controller.metrics_task", asyncio.Task)
+_METRICS_TASK_KEY = web.AppKey("crunchgate.controller.metrics_task", asyncio.Task[None])
+_SWEEP_TASK_KEY = web.AppKey("crunchgate.controller.sweep_task", asyncio.Task[None])
 
 ContainerCallback = Callable[[dict[str, Any] | None, dict[str, Any]], None]
 
@@ -472,12 +473,18 @@ def _add_state_metrics(app: web.Application, store: Store, registry: CollectorRe
                     gauge.labels(state=state).set(counts.get(state, 0))
             await asyncio.sleep(STATE_METRICS_INTERVAL_S)
 
+    _background(app, _METRICS_TASK_KEY, refresh_forever)
+
+
+def _background(app: web.Application, key: web.AppKey[asyncio.Task[None]],
+                body: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    """Run ``body()`` as a task while the app runs; cancel it at cleanup."""
+
     async def start(app: web.Application) -> None:
-        task = asyncio.get_running_loop().create_task(refresh_forever())
-        app[_METRICS_TASK_KEY] = task
+        app[key] = asyncio.get_running_loop().create_task(body())
 
     async def stop(app: web.Application) -> None:
-        task = app.get(_METRICS_TASK_KEY)
+        task = app.get(key)
         if task is not None:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -485,6 +492,28 @@ def _add_state_metrics(app: web.Application, store: Store, registry: CollectorRe
 
     app.on_startup.append(start)
     app.on_cleanup.append(stop)
+
+
+def _add_log_sweeper(app: web.Application, cfg: Any, store: Store) -> None:
+    """Delete container logs older than ``Containers.Logging.MaxAge`` every ``SweepInterval``."""
+    logging_cfg = getattr(getattr(cfg, "containers", None), "logging", None)
+    max_age_s = getattr(logging_cfg, "max_age_s", 0.0)
+    interval_s = getattr(logging_cfg, "sweep_interval_s", 0.0)
+    if max_age_s <= 0 or interval_s <= 0:
+        return
+
+    async def sweep_forever() -> None:
+        while True:
+            try:
+                n = await store.run(store.sweep_logs, max_age_s)
+            except Exception:
+                log.warning("log sweep failed", exc_info=True)
+            else:
+                if n:
+                    log.info("swept old container logs", extra={"fields": {"deleted": n}})
+            await asyncio.sleep(interval_s)
+
+    _background(app, _SWEEP_TASK_KEY, sweep_forever)
 
 
 def add_container_listener(app: web.Application, callback: ContainerCallback) -> None:
@@ -535,6 +564,7 @@ def build_app(
 
     app.on_startup.append(_wire_listeners)
     _add_state_metrics(app, store, registry)
+    _add_log_sweeper(app, cfg, store)
 
     async def _health() -> str | None:
         try:

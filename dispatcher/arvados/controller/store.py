@@ -928,6 +928,21 @@ class Store:
             self._write(LOG, doc, {}, insert=True)
         return doc
 
+    # Log event types written by crunch-run and dispatchers; swept after Containers.Logging.MaxAge.
+    SWEPT_LOG_TYPES = ("stdout", "stderr", "crunch-run", "crunchstat", "hoststat", "arv-mount",
+                       "node", "dispatch", "container")
+
+    def sweep_logs(self, max_age_s: float) -> int:
+        """Delete container log records older than ``max_age_s``; return how many."""
+        cutoff = format_time(self._clock() - max_age_s)
+        marks = ",".join("?" * len(self.SWEPT_LOG_TYPES))
+        with self._tx():
+            cur = self._conn.execute(
+                f"DELETE FROM logs WHERE created_at < ? AND event_type IN ({marks})",
+                (cutoff, *self.SWEPT_LOG_TYPES),
+            )
+        return cur.rowcount
+
     def create_logs(self, caller: Caller, batch: Sequence[Mapping[str, Any]]) -> int:
         """Insert several logs in one transaction (benchmarks, bulk uploads)."""
         with self._tx():
