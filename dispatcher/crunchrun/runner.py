@@ -147,13 +147,23 @@ class Runner:
             self.log.error("cannot run container: %s", exc)
             await self._finish_unstarted(permanent_error=str(exc))
             return 1
-        except (ArvadosError, PrepareError, OSError) as exc:
+        except Exception as exc:  # API, node or unexpected: someone else may succeed
             self.sink.crunch_run(f"failed before the container started: {exc}")
-            self.log.error("failed before the container started: %s", exc)
+            self.log.error("failed before the container started: %s", exc,
+                           exc_info=not isinstance(exc, (ArvadosError, PrepareError, OSError)))
             await self._finish_unstarted(permanent_error=None)
             return 1
         self.log.info("container is Running")
-        return await self._run_running(ctr, self.runtime)
+        try:
+            return await self._run_running(ctr, self.runtime)
+        except Exception as exc:
+            # A bug must not leave the container Running forever: once Running, only
+            # Cancelled is possible.
+            self.log.exception("crunch-run failed while the container was running")
+            self.sink.crunch_run(f"crunch-run internal error: {exc}")
+            await self._finish({"state": "Cancelled", "runtime_status": {
+                "error": f"crunch-run internal error: {exc}"}})
+            return 1
 
     async def _prepare(self, ctr: dict[str, Any]) -> Runtime:
         command = ctr.get("command") or []
