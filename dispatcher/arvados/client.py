@@ -305,7 +305,9 @@ class ArvadosClient:
     ) -> dict[str, Any]:
         url, shown = self._url(path)
         fields = encode_params(params) + encode_params(body)
-        kwargs: dict[str, Any] = {"headers": {"X-Request-Id": request_id}}
+        # No redirects: the API never sends one, and following it could carry the token away.
+        kwargs: dict[str, Any] = {"headers": {"X-Request-Id": request_id},
+                                  "allow_redirects": False}
         if method in ("GET", "HEAD"):
             kwargs["params"] = fields
         elif fields:

@@ -85,7 +85,8 @@ def acquire(lock_dir: str, uuid: str) -> HeldLock:
 def _try_lock(path: str) -> tuple[bool, int | None]:
     """(lock was free, fd holding it if free). Missing file counts as free with no fd."""
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        # Read-only is enough for flock, and works on a lock file owned by another user.
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         return True, None
     try:
@@ -124,7 +125,10 @@ def list_runs(lock_dir: str, out: TextIO) -> int:
                 continue  # being created right now
         except OSError:
             continue
-        free, fd = _try_lock(path)
+        try:
+            free, fd = _try_lock(path)
+        except OSError:
+            continue  # not ours to inspect
         if free:
             if fd is not None:  # nobody holds it: stale file from a crashed run
                 with contextlib.suppress(OSError):
@@ -150,7 +154,11 @@ def kill_run(lock_dir: str, uuid: str, sig: int, *, wait_s: float = 1.0,
              err: Callable[[str], None] = print) -> int:
     """``crunch-run --kill N UUID`` (see module doc). Returns the exit status."""
     path = lock_path(lock_dir, uuid)
-    free, fd = _try_lock(path)
+    try:
+        free, fd = _try_lock(path)
+    except OSError as exc:
+        err(f"cannot check {path}: {exc.strerror} (run as the user that runs crunch-run)")
+        return 1
     if free:
         if fd is not None:
             os.close(fd)
@@ -164,6 +172,9 @@ def kill_run(lock_dir: str, uuid: str, sig: int, *, wait_s: float = 1.0,
         os.kill(pid, sig)
     except ProcessLookupError:
         pass  # the lock is held by a leftover child; report by the lock below
+    except PermissionError:
+        err(f"not allowed to signal crunch-run PID {pid} for {uuid} (try sudo)")
+        return 1
     deadline = time.monotonic() + wait_s
     while True:
         free, fd = _try_lock(path)
