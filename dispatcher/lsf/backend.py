@@ -119,7 +119,6 @@ class LsfBackend(Backend):
                 f"{exc}; fix Containers.LSF.BsubArgumentsList / BsubGPUArguments", permanent=True
             ) from None
         script = bsubargs.job_script(self.cfg, uuid)  # JobScriptError: the loop cancels
-        log.info("Submitting container %s to LSF", uuid, extra=ctx)
         try:
             job_id = await self.cli.bsub(args, script, self.bsub_env)
         except LsfCommandError as exc:
