@@ -121,6 +121,22 @@ def test_sdk_cancel_by_priority_zero_finalizes_request(controller_session: Contr
     assert api.container_requests().get(uuid=cr["uuid"]).execute()["state"] == "Final"
 
 
+def test_sdk_keyset_paging(controller_session: ControllerProcess) -> None:
+    """arvados.util.keyset_list_all pages with ["uuid", ">", last] / order_key filters."""
+    import arvados.util
+
+    ctl = controller_session
+    image = "keyset-" + ctl.add_user("sdk-keyset")[-8:]
+    made = {ctl.create_container(command=["k", str(i)], priority=i + 1,
+                                 container_image=image)["uuid"] for i in range(12)}
+    api = ctl.api()
+    for order_key in ("created_at", "uuid"):
+        got = [c["uuid"] for c in arvados.util.keyset_list_all(
+            api.containers().list, filters=[["container_image", "=", image]],
+            order_key=order_key, limit=5, num_retries=0)]
+        assert len(got) == len(made) and set(got) == made
+
+
 def test_unauthenticated_and_bad_token(controller_session: ControllerProcess) -> None:
     ctl = controller_session
     ctx = ctl.ssl_context()

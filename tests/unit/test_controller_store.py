@@ -281,6 +281,7 @@ def test_listener_sees_gateway_address(store: Store) -> None:
 def test_data_survives_reopen(tmp_path: Path) -> None:
     policy = Policy(system_root_token=ROOT_TOKEN)
     s = Store(tmp_path / "db", policy)
+    assert ((tmp_path / "db").stat().st_mode & 0o777) == 0o600  # it holds tokens
     ctr = s.create_container(s.system_caller, {"command": ["x"], "priority": 1})
     _, token = s.create_user("dave")
     s.close()

@@ -18,6 +18,7 @@ import functools
 import hashlib
 import hmac
 import json
+import os
 import secrets
 import sqlite3
 import string
@@ -218,12 +219,16 @@ class Store:
         self._listeners: list[ContainerListener] = []
         self._pending: list[tuple[dict[str, Any] | None, dict[str, Any]]] = []
         try:
+            # The database holds API tokens: owner-only from the start (SQLite gives its -wal
+            # and -shm files the same mode).
+            if self.path != ":memory:" and not os.path.exists(self.path):
+                os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
             self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             self._conn.execute("PRAGMA journal_mode=WAL")
             self._conn.execute("PRAGMA synchronous=NORMAL")
             self._conn.execute("PRAGMA busy_timeout=5000")
             self._conn.executescript(SCHEMA)
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, OSError) as exc:
             raise StoreError(
                 f"cannot open the controller database {self.path}: {exc}; check the data "
                 "directory's permissions and free space"
