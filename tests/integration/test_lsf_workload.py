@@ -44,11 +44,12 @@ def wait_for(cond: Callable[[], Any], timeout_s: float, what: str,
 class Stack:
     """A controller, an LSF simulator, and a ``crunchgate dispatch-lsf`` process."""
 
-    def __init__(self, tmp: Path, sim: LsfSim) -> None:
+    def __init__(self, tmp: Path, sim: LsfSim, crunchgate: dict[str, Any] | None = None) -> None:
         self.tmp, self.sim = tmp, sim
         self.dispatch_port = free_port()
         crunch_run = shutil.which("crunch-run") or "crunch-run"
         self.ctl: ControllerProcess = start_controller(tmp / "controller", extra_config={
+            "Crunchgate": crunchgate or {},
             "Services": {"DispatchLSF": {"InternalURLs": {
                 f"http://127.0.0.1:{self.dispatch_port}": {}}}},
             "Containers": {
@@ -212,6 +213,31 @@ def test_kill_9_mid_burst_and_restart(stack: Stack) -> None:
     names = [j["name"] for j in stack.sim.jobs()]
     assert sorted(names) == sorted(uuids)
     assert all(c["exit_code"] == 0 for c in stack.containers(uuids).values())
+
+
+def test_bjobs_outage_cancels_nothing(tmp_path: Path, lsf_sim_factory) -> None:  # type: ignore[no-untyped-def]
+    # bjobs first fails, then hangs past the command timeout, while the containers run and
+    # finish: nothing is cancelled, unlocked, killed or submitted twice.
+    s = Stack(tmp_path, lsf_sim_factory(hosts=HOSTS), crunchgate={"CommandTimeout": "2s"})
+    try:
+        uuids = [s.submit(["sh", "-c", f"sleep 2; echo {i}"]) for i in range(4)]
+        s.start_dispatcher()
+        wait_for(lambda: len([j for j in s.sim.jobs() if j["stat"] == "RUN"]) == 4, 60,
+                 "4 running jobs")
+        s.sim.inject("bjobs", "fail", message="LSF is down. Please wait ...", count=3)
+        wait_for(lambda: not (s.sim.state_dir / "faults" / "bjobs.json").exists(), 60,
+                 "3 failed bjobs")
+        s.sim.inject("bjobs", "hang", seconds=30, count=2)
+        wait_for(lambda: not (s.sim.state_dir / "faults" / "bjobs.json").exists(), 60,
+                 "2 hung bjobs")
+        wait_for(lambda: all(c["state"] == "Complete" for c in s.containers(uuids).values()),
+                 90, "containers to complete")
+        assert all(c["exit_code"] == 0 for c in s.containers(uuids).values())
+        assert sorted(j["name"] for j in s.sim.jobs()) == sorted(uuids)
+        assert all(j["stat"] == "DONE" for j in s.sim.jobs())  # none killed
+        assert "timed out" in s.dispatcher_log() or "no answer within" in s.dispatcher_log()
+    finally:
+        s.stop()
 
 
 def test_health_and_metrics_endpoint(stack: Stack) -> None:
