@@ -362,9 +362,10 @@ async def run_demo(demo: Demo) -> int:
         uuids = await submit(client, items)
         console.print(f"submitted {n} container requests")
         records = await watch(demo, client, uuids, dispatcher)
-    elapsed = time.monotonic() - t0
-    table, good = result_table(uuids, items, records)
-    console.print(table)
+        elapsed = time.monotonic() - t0
+        table, good = result_table(uuids, items, records)
+        console.print(table)
+        await show_output(console, client, uuids, items)
     failed_on_purpose = sum(1 for w in items if w.exit_code != 0)
     style = "green" if good == n else "red"
     console.print(
@@ -372,6 +373,26 @@ async def run_demo(demo: Demo) -> int:
         f"({n - failed_on_purpose} exit 0, {failed_on_purpose} exit 3 on purpose) "
         f"in {elapsed:.1f}s")
     return 0 if good == n else 1
+
+
+async def show_output(console: Console, client: Any, uuids: list[str],
+                      items: list[Workload]) -> None:
+    """What the first "print" container wrote on stdout (from its log records)."""
+    for u, w in zip(uuids, items, strict=True):
+        if w.kind != "print":
+            continue
+        try:
+            page = await client.list("logs", filters=[["object_uuid", "=", u],
+                                                      ["event_type", "=", "stdout"]], limit=50)
+        except Exception:
+            return  # only a nicety: the table already says how it ended
+        text = "".join(str((e.get("properties") or {}).get("text", ""))
+                       for e in page.get("items") or [])
+        if text.strip():
+            console.print(f"stdout of container {u} ({w.kind}):")
+            for line in text.strip().splitlines()[:10]:
+                console.print(f"  [dim]{line}[/]", highlight=False)
+        return
 
 
 def stop_jobs(demo: Demo) -> None:
