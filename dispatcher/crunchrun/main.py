@@ -32,6 +32,7 @@ import json
 import logging
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -186,6 +187,10 @@ def detach(args: argparse.Namespace, lock_dir: str, secret: str) -> int:
         config["Env"][SECRET_ENV] = secret
     log_path = args.detach_log or os.path.join(
         args.scratch_base or tempfile.gettempdir(), f"crunch-run-{args.uuid}.log")
+    # ``crunch-run --list`` probes liveness with SIGUSR2 as soon as the lock file names the
+    # child, which may be before the child's Python has installed its handler: start it with
+    # SIGUSR2 ignored (an ignored disposition survives exec) so such a probe cannot kill it.
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
     try:
         with open(log_path, "ab") as logf:
             child = subprocess.Popen(
