@@ -184,12 +184,12 @@ def nsenter_argv(pid: int, command: Sequence[str]) -> list[str]:
 
 
 def find_namespaced_descendant(pid: int, proc: str = "/proc") -> int | None:
-    """The first descendant of ``pid`` living in a different mount namespace, or None.
+    """``pid`` or its first descendant living in another mount namespace than we do, or None.
 
-    That is the process singularity started inside the container; nsenter targets it.
+    That is the process singularity runs inside the container; nsenter targets it.
     """
     try:
-        own_ns = os.readlink(f"{proc}/{pid}/ns/mnt")
+        own_ns = os.readlink(f"{proc}/self/ns/mnt")
     except OSError:
         return None
     queue = [pid]
@@ -199,13 +199,12 @@ def find_namespaced_descendant(pid: int, proc: str = "/proc") -> int | None:
         if p in seen:
             continue
         seen.add(p)
-        for child in _children(p, proc):
-            try:
-                if os.readlink(f"{proc}/{child}/ns/mnt") != own_ns:
-                    return child
-            except OSError:
-                continue
-            queue.append(child)
+        try:
+            if os.readlink(f"{proc}/{p}/ns/mnt") != own_ns:
+                return p
+        except OSError:
+            continue
+        queue.extend(_children(p, proc))
     return None
 
 

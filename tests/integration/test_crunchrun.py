@@ -76,8 +76,9 @@ class CrunchRun:
         self.procs.append(p)
         return p
 
-    def run(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        p = self.start(*args)
+    def run(self, *args: str, timeout: float = 60, env: dict[str, str] | None = None
+            ) -> subprocess.CompletedProcess[str]:
+        p = self.start(*args, env=env)
         out, err = p.communicate(timeout=timeout)
         return subprocess.CompletedProcess(p.args, p.returncode, out, err)
 
@@ -357,3 +358,59 @@ def test_docker_runtime_through_a_fake_docker_cli(cr: CrunchRun, tmp_path: Path)
     assert "--env=ARVADOS_API_TOKEN" in run_call  # name only: the value is not in ps output
     assert not any(RUNTIME_TOKEN in a for a in run_call)
     assert ["kill", "--signal=SIGTERM", uuid] in calls
+
+
+FAKE_SINGULARITY = r"""#!PYTHON
+# A stand-in for "singularity exec": the container is the command in a new mount namespace
+# (unshare), with the environment built from SINGULARITYENV_* as singularity does.
+import json, os, sys
+args = sys.argv[1:]
+with open(os.path.join(os.environ["SINGULARITY_CACHEDIR"], "calls"), "a") as f:
+    f.write(json.dumps(args) + "\n")
+assert args[0] == "exec"
+i = 1
+while args[i].startswith("--"):
+    i += 1
+env = {k[len("SINGULARITYENV_"):]: v for k, v in os.environ.items()
+       if k.startswith("SINGULARITYENV_")}
+env.update(PATH=os.environ["PATH"], FAKE_IMAGE=args[i])
+os.execvpe("unshare", ["unshare", "--mount", "--fork", *args[i + 1:]], env)
+"""
+
+
+def test_singularity_runtime_through_a_fake_cli(cr: CrunchRun, tmp_path: Path) -> None:
+    bindir = tmp_path / "bin"
+    state = tmp_path / "sing-state"
+    bindir.mkdir()
+    state.mkdir()
+    fake = bindir / "singularity"
+    fake.write_text(FAKE_SINGULARITY.replace("PYTHON", sys.executable))
+    fake.chmod(0o755)
+    uuid = locked(cr.api, ["sh", "-c", 'echo "img=$FAKE_IMAGE v=$V tmp=$TMPDIR"'],
+                  container_image="debian:12", cwd="/inside", environment={"V": "a,b c=d"})
+    res = cr.run("--runtime-engine=singularity", uuid, env={
+        "PATH": f"{bindir}:{os.environ['PATH']}", "SINGULARITY_CACHEDIR": str(state)})
+    assert res.returncode == 0, res.stderr
+    ctr = cr.api.container(uuid)
+    assert (ctr["state"], ctr["exit_code"]) == ("Complete", 0)
+    assert cr.api.log_text(uuid, "stdout") == "img=docker://debian:12 v=a,b c=d tmp=/tmp\n"
+    (call,) = [json.loads(line) for line in (state / "calls").read_text().splitlines()]
+    assert call[:4] == ["exec", "--containall", "--cleanenv", "--pwd=/inside"]
+    assert not any("a,b" in a for a in call)  # values travel in SINGULARITYENV_*
+
+
+def test_nsenter_into_a_namespaced_process() -> None:
+    """What the gateway runs for singularity: find the contained process, nsenter into it."""
+    from dispatcher.crunchrun.runtimes import find_namespaced_descendant, nsenter_argv
+
+    p = subprocess.Popen(["unshare", "--mount", "--fork", "sleep", "300"])
+    try:
+        target = wait_for(lambda: find_namespaced_descendant(p.pid), what="namespaced child")
+        inner_ns = os.readlink(f"/proc/{target}/ns/mnt")
+        assert inner_ns != os.readlink("/proc/self/ns/mnt")
+        out = subprocess.run(nsenter_argv(target, ["readlink", "/proc/self/ns/mnt"]),
+                             capture_output=True, text=True, timeout=30, check=True)
+        assert out.stdout.strip() == inner_ns
+    finally:
+        p.kill()
+        p.wait()
