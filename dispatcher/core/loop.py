@@ -581,6 +581,7 @@ class Dispatcher:
         elif action in (Action.FORGET, Action.IGNORE):
             if tr is not None and not tr.busy:
                 del self.tracked[uuid]
+                log.info("Done monitoring container %s", uuid, extra=ctx)
         elif action is Action.NOTHING:
             if job is not None and job.pending and state == "Locked" and tr is not None:
                 self._update_scheduling_status(tr, job)
