@@ -73,7 +73,7 @@ def test_create_throttle():
         clock = FakeClock()
         iset = StubInstanceSet(clock)
 
-        async def go(limit=limit):
+        async def go(limit=limit, iset=iset, clock=clock):
             pool = new_pool(iset, clock, max_concurrent_instance_create_ops=limit)
             return [pool.create(itype(1)) is not None for _ in range(3)], pool
 

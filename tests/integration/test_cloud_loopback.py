@@ -1,0 +1,341 @@
+"""Cloud dispatcher end to end on the loopback driver: real controller, real OpenSSH sshd on a
+loopback port, the asyncssh executor, real ``crunch-run --detach/--list/--kill`` with
+``--runtime-engine=local``, and ``crunchgate dispatch-cloud`` as a subprocess.
+
+* 10 containers run to Complete through SSH, each exactly once; the idle instance is then shut
+  down (destroyed) after TimeoutIdle.
+* kill -9 of the dispatcher while containers run; a restarted dispatcher re-adopts the instance
+  (unknown state, ``--list`` shows the running containers), nothing is lost or run twice, and
+  the instance is still shut down when idle.
+* The SSH executor against the same sshd: exit statuses, stdin/stdout/stderr, timeouts, a host
+  key that does not match is refused before any command runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from dispatcher.arvados.client import ArvadosClient
+from dispatcher.cloud.drivers.loopback import LoopbackInstanceSet
+from dispatcher.cloud.errors import ExecError, HostKeyError
+from dispatcher.cloud.sshexec import SSHExecutor, load_private_key
+from dispatcher.config import ClusterConfig, InstanceType
+from tests.helpers.cloud import SshdInfo, free_port, stop_pid
+
+pytestmark = [pytest.mark.sshd, pytest.mark.slow]
+
+GiB = 1 << 30
+
+
+def crunch_run_exe() -> str:
+    exe = shutil.which("crunch-run")
+    if exe is None:
+        pytest.skip("crunch-run console script not installed")
+    return exe
+
+
+class CloudCluster:
+    def __init__(self, controller: Any, sshd: SshdInfo, work: Path) -> None:
+        self.ctl = controller
+        self.sshd = sshd
+        self.work = work
+        work.mkdir(parents=True, exist_ok=True)
+        self.lock_dir = work / "locks"
+        self.lock_dir.mkdir()
+        self.scratch = work / "scratch"
+        self.scratch.mkdir()
+        self.state_file = work / "loopback-state.json"
+        self.http_port = free_port()
+        doc = yaml.safe_load(Path(controller.config_path).read_text())
+        cluster = doc["Clusters"][controller.cluster_id]
+        cluster["Services"]["DispatchCloud"] = {
+            "InternalURLs": {f"http://127.0.0.1:{self.http_port}": {}}}
+        self.runner = (f"{crunch_run_exe()} --lock-dir={self.lock_dir} "
+                       f"--scratch-base={self.scratch} --poll-interval=0.5")
+        cluster["InstanceTypes"] = {"localhost": {
+            "ProviderType": "localhost", "VCPUs": 4, "RAM": "16GiB", "IncludedScratch": "50GiB",
+            "Price": 0.1}}
+        cluster["Containers"] = {
+            "DispatchPrivateKey": f"file://{sshd.client_key_path}",
+            "RuntimeEngine": "local",
+            "CrunchRunCommand": self.runner,
+            "StaleLockTimeout": "2s",
+            "CloudVMs": {
+                "Driver": "loopback",
+                "DriverParameters": {"Port": str(sshd.port), "User": sshd.user,
+                                     "HostKeyFile": f"{sshd.host_key_path}.pub",
+                                     "StateFile": str(self.state_file)},
+                "BootProbeCommand": "true",
+                "DeployRunnerBinary": "",
+                "PollInterval": "0.5s", "ProbeInterval": "0.5s", "SyncInterval": "1s",
+                "TimeoutIdle": "3s", "TimeoutBooting": "60s", "TimeoutProbe": "60s",
+                "TimeoutShutdown": "2s", "MaxInstances": 1,
+            },
+        }
+        cluster["SystemLogs"] = {"LogLevel": "info", "Format": "json"}
+        self.config = work / "dispatch-cloud.yml"
+        self.config.write_text(yaml.safe_dump(doc))
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = work / "dispatch-cloud.log"
+        self.ran = work / "ran.txt"
+
+    # --- processes ---------------------------------------------------------------------------
+
+    def start(self) -> subprocess.Popen[bytes]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ARVADOS_API_")}
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "dispatcher.cli", "dispatch-cloud", "--config",
+                 str(self.config)], stdin=subprocess.DEVNULL, stdout=out,
+                stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        return self.proc
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_pid(self.proc)
+        # Detached crunch-run processes are ours (our lock dir): stop any left over.
+        out = subprocess.run(self.runner.split() + ["--list"], capture_output=True, text=True,
+                             timeout=30, check=False)
+        for line in out.stdout.split():
+            if line.startswith("zzzzz-dz642-"):
+                subprocess.run(self.runner.split() + ["--kill", "9", line], timeout=30,
+                               check=False, capture_output=True)
+
+    def tail(self, n: int = 30) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    # --- API ---------------------------------------------------------------------------------
+
+    def call(self, fn: Any) -> Any:
+        async def go() -> Any:
+            async with ArvadosClient(self.ctl.host, self.ctl.root_token, insecure=True,
+                                     retries=2) as c:
+                return await fn(c)
+
+        return asyncio.run(asyncio.wait_for(go(), 60))
+
+    def submit(self, n: int, sleep_s: float = 0.0) -> list[str]:
+        crs = []
+        for i in range(n):
+            cmd = f"echo run-$N >> {self.ran}; sleep {sleep_s}"
+            crs.append(self.call(lambda c, cmd=cmd, i=i: c.create("container_requests", {
+                "state": "Committed", "priority": 500, "command": ["sh", "-c", cmd],
+                "container_image": "local", "cwd": "/tmp", "output_path": "/tmp",
+                "environment": {"N": str(i)},
+                "runtime_constraints": {"vcpus": 1, "ram": 64 << 20}})))
+        uuids = []
+        deadline = time.monotonic() + 30
+        for cr in crs:
+            while True:
+                rec = self.call(lambda c, u=cr["uuid"]: c.get("container_requests", u))
+                if rec.get("container_uuid"):
+                    uuids.append(rec["container_uuid"])
+                    break
+                assert time.monotonic() < deadline, "container requests got no container"
+                time.sleep(0.2)
+        return uuids
+
+    def states(self, uuids: list[str]) -> dict[str, dict[str, Any]]:
+        async def fetch(c: ArvadosClient) -> dict[str, dict[str, Any]]:
+            page = await c.list("containers", filters=[["uuid", "in", uuids]], limit=1000)
+            return {r["uuid"]: r for r in page["items"]}
+
+        return self.call(fetch)
+
+    def wait(self, cond: Any, timeout_s: float, what: str) -> Any:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            assert self.proc is None or self.proc.poll() is None or self.proc.returncode == -9, \
+                f"dispatcher exited:\n{self.tail()}"
+            value = cond()
+            if value:
+                return value
+            time.sleep(0.3)
+        raise AssertionError(f"timed out waiting for {what}\n{self.tail()}")
+
+    def management(self, path: str) -> Any:
+        req = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", headers={
+            "Authorization": f"Bearer {self.ctl.management_token}"})
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return json.loads(resp.read())
+
+    def instances_in_state_file(self) -> dict[str, Any]:
+        try:
+            return json.loads(self.state_file.read_text())
+        except (OSError, ValueError):
+            return {}
+
+
+@pytest.fixture
+def cloud_cluster(controller, cloud_sshd, tmp_path):
+    cluster = CloudCluster(controller, cloud_sshd, tmp_path / "cloud")
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def ran_lines(c: CloudCluster) -> list[str]:
+    try:
+        return c.ran.read_text().split()
+    except OSError:
+        return []
+
+
+def test_ten_containers_run_to_complete_over_ssh(cloud_cluster):
+    c = cloud_cluster
+    c.start()
+    uuids = c.submit(10)
+    final = c.wait(lambda: (lambda s: s if all(r["state"] in ("Complete", "Cancelled")
+                                               for r in s.values()) and len(s) == 10 else None)(
+        c.states(uuids)), 150, "10 containers to finish")
+    assert {r["state"] for r in final.values()} == {"Complete"}, final
+    assert all(r["exit_code"] == 0 for r in final.values())
+    assert sorted(ran_lines(c)) == sorted(f"run-{i}" for i in range(10))
+    # The management API saw the instance; after TimeoutIdle it is shut down and destroyed.
+    c.wait(lambda: not c.instances_in_state_file(), 30, "idle instance to be destroyed")
+    c.wait(lambda: c.management("/arvados/v1/dispatch/instances")["items"] == [], 10,
+           "the destroyed instance to leave the pool")
+    log = c.log.read_text()
+    assert "crunch-run process started" in log
+    assert c.ctl.root_token not in log
+
+
+def test_kill_9_and_restart_loses_nothing_and_runs_nothing_twice(cloud_cluster):
+    c = cloud_cluster
+    c.start()
+    uuids = c.submit(6, sleep_s=4)
+    # Wait until some run on the instance, then kill the dispatcher without warning.
+    c.wait(lambda: sum(r["state"] == "Running" for r in c.states(uuids).values()) >= 2, 90,
+           "containers to start running")
+    c.kill9()
+    assert c.instances_in_state_file(), "the instance must survive the dispatcher"
+    c.start()
+    final = c.wait(lambda: (lambda s: s if all(r["state"] in ("Complete", "Cancelled")
+                                               for r in s.values()) else None)(c.states(uuids)),
+                   150, "all containers to finish after restart")
+    assert {r["state"] for r in final.values()} == {"Complete"}, final
+    lines = ran_lines(c)
+    assert sorted(lines) == sorted(f"run-{i}" for i in range(6)), "a container ran twice or never"
+    c.wait(lambda: not c.instances_in_state_file(), 30, "idle instance to be shut down")
+    assert "instance appeared in cloud (state unknown" in c.log.read_text()
+
+
+# --- the SSH executor against a real sshd ------------------------------------------------------
+
+
+def _loopback_instance(sshd: SshdInfo, host_key_file: str, tmp: Path):
+    cfg = ClusterConfig()
+    cfg.instance_types = {"localhost": InstanceType(name="localhost", provider_type="localhost")}
+    iset = LoopbackInstanceSet(cfg, "t", {"Port": str(sshd.port), "User": sshd.user,
+                                          "HostKeyFile": host_key_file,
+                                          "StateFile": str(tmp / "state.json")})
+
+    async def make():
+        return await iset.create(cfg.instance_types["localhost"], "", {"a": "b"}, "", None)
+
+    return iset, asyncio.run(make())
+
+
+def test_ssh_executor_exec_semantics(cloud_sshd, tmp_path):
+    iset, inst = _loopback_instance(cloud_sshd, f"{cloud_sshd.host_key_path}.pub", tmp_path)
+    key = load_private_key(f"file://{cloud_sshd.client_key_path}")
+
+    async def go():
+        ex = SSHExecutor(inst, key)
+        out, err = await ex.execute("cat; echo err >&2", b"hello stdin", timeout_s=20)
+        assert (out, err) == (b"hello stdin", b"err\n")
+        for status in (1, 2):
+            with pytest.raises(ExecError) as ei:
+                await ex.execute(f"echo o; exit {status}", timeout_s=20)
+            assert ei.value.exit_status == status and ei.value.stdout == b"o\n"
+        # The connection is reused, and a hung command times out instead of blocking.
+        with pytest.raises(ExecError) as ei:
+            await ex.execute("sleep 30", timeout_s=0.5)
+        assert ei.value.timed_out
+        out, _ = await ex.execute("echo still works", timeout_s=20)
+        assert out == b"still works\n"
+        await ex.close()
+        # Nothing listens on port 1: connect failure, not an exit status.
+        bad = SSHExecutor(inst, key, default_port="1")
+        bad.instance = type(inst)(iset, inst.id, "localhost", {})
+        iset.port = "1"
+        with pytest.raises(ExecError) as ei:
+            await bad.execute("true", timeout_s=5)
+        assert ei.value.connect_failed
+
+    asyncio.run(go())
+    # Listing and destroy round trip.
+    assert [i.id for i in asyncio.run(iset.instances({"a": "b"}))] == ["localhost"]
+    asyncio.run(inst.destroy())
+    assert asyncio.run(iset.instances({})) == []
+
+
+def test_ssh_executor_refuses_wrong_host_key_before_running_anything(cloud_sshd, tmp_path):
+    other = tmp_path / "other_key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True)
+    marker = tmp_path / "ran"
+    iset, inst = _loopback_instance(cloud_sshd, f"{other}.pub", tmp_path)
+    key = load_private_key(f"file://{cloud_sshd.client_key_path}")
+
+    async def go():
+        ex = SSHExecutor(inst, key)
+        with pytest.raises(HostKeyError):
+            await ex.execute(f"touch {marker}", timeout_s=20)
+        await ex.close()
+
+    asyncio.run(go())
+    assert not marker.exists()
+
+
+def test_ssh_executor_instance_secret_check(cloud_sshd, tmp_path):
+    """With no host-key mechanism, the instance secret file must match the tag exactly."""
+    iset, inst = _loopback_instance(cloud_sshd, "", tmp_path)
+    key = load_private_key(f"file://{cloud_sshd.client_key_path}")
+
+    class NoVerify(type(inst)):  # type: ignore[misc]
+        async def verify_host_key(self, k):
+            from dispatcher.cloud.errors import NotImplementedByDriver
+
+            raise NotImplementedByDriver("no")
+
+    inst2 = NoVerify(iset, inst.id, "localhost", {})
+    secret_path = Path("/var/run/arvados-instance-secret")
+    if secret_path.exists():
+        pytest.skip("a real instance secret exists on this host")
+
+    async def go(secret: str):
+        ex = SSHExecutor(inst2, key, secret=lambda: secret)
+        try:
+            return await ex.execute("echo ok", timeout_s=20)
+        finally:
+            await ex.close()
+
+    secret_path.write_text("s3cr3t-value")
+    try:
+        assert asyncio.run(go("s3cr3t-value"))[0] == b"ok\n"
+        with pytest.raises(HostKeyError, match="bad instance secret"):
+            asyncio.run(go("another-secret"))
+    finally:
+        secret_path.unlink()
