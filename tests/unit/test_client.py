@@ -330,3 +330,12 @@ def test_current_token_and_container_auth(fakeapi: FakeApi) -> None:
     me, auth = run(go())
     assert me == FAKEAPI_TOKEN_UUID
     assert auth["api_token"].startswith("v2/")
+
+
+def test_redirect_is_not_followed(fakeapi: FakeApi) -> None:
+    path = f"/arvados/v1/containers/{UUID}"
+    fakeapi.script("GET", path, [(302, "", {"Location": "http://127.0.0.1:9/steal"})])
+    with pytest.raises(ApiError) as ei:
+        run(call(fakeapi, "get", "containers", UUID))
+    assert ei.value.status == 302
+    assert len(fakeapi.requests) == 1
