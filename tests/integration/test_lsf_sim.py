@@ -147,3 +147,15 @@ def test_faults(lsf_sim: LsfSim) -> None:
     assert res.returncode == 255 and lsf_sim.jobs_named("lost")
     calls = lsf_sim.calls("bsub")
     assert calls[-1]["argv"] == ["-J", "lost"]
+
+
+def test_checked_in_executables_use_lsfsim_state(lsf_sim: LsfSim) -> None:
+    # tests/lsfsim/{bsub,bjobs,bkill} themselves (not the fixture's fast shims), for manual use.
+    here = Path(__file__).resolve().parents[1] / "lsfsim"
+    env = lsf_sim.env()
+    res = subprocess.run([str(here / "bsub"), "-J", "manual"], input="true\n", text=True,
+                         capture_output=True, env=env, timeout=30)
+    assert res.stdout == "Job <101> is submitted to default queue <normal>.\n"
+    res = subprocess.run([str(here / "bjobs"), "-a", "-u", "all", "-o", "job_name", "-json"],
+                         text=True, capture_output=True, env=env, timeout=30)
+    assert json.loads(res.stdout)["RECORDS"] == [{"JOB_NAME": "manual"}]
