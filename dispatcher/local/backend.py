@@ -14,7 +14,8 @@ Submitting queues a job; it starts as soon as fewer than ``max_jobs`` jobs run (
 priority first), in a new session so that it outlives the dispatcher. ``list_jobs`` reports the
 jobs whose process is alive (read from ``/proc``) plus the pending ones, and forgets dead ones.
 ``cancel`` sends SIGTERM to crunch-run (it then finishes the container as Cancelled), or just
-drops a pending job.
+drops a pending job; a job that is still alive ``kill_after_s`` after the first SIGTERM gets
+SIGKILL (its whole session) on the next cancel.
 
 Jobs are started with :class:`subprocess.Popen` rather than :class:`dispatcher.proc.CommandRunner`:
 they are the long-lived workload itself, not a command whose result we wait for.
@@ -90,12 +91,15 @@ class LocalBackend(Backend):
         job_env: Mapping[str, str] | None = None,
         max_jobs: int | None = None,
         template: str = "local",
+        kill_after_s: float = 300.0,
     ) -> None:
         self.cfg = cfg
         self.dir = Path(state_dir) / "local-jobs"
         self.job_env = dict(os.environ if job_env is None else job_env)
         self.max_jobs = max_jobs or max(2, 2 * (os.cpu_count() or 1))
         self.template = template
+        # A cancelled job still alive this long after its first SIGTERM gets SIGKILL.
+        self.kill_after_s = kill_after_s
         self._children: dict[int, subprocess.Popen[bytes]] = {}
         self._wanted: dict[str, int] = {}
 
@@ -257,13 +261,25 @@ class LocalBackend(Backend):
             return
         if not self._alive(rec):
             return
+        pid = int(rec["pid"])
+        term_at = rec.get("term_at")
         try:
+            if term_at is not None and time.time() - float(term_at) > self.kill_after_s:
+                # crunch-run ignored SIGTERM for too long: it is wedged. Kill its whole session;
+                # the loop then finds the container without a job and cancels it.
+                log.warning("local job of container %s ignored SIGTERM for %.0fs: SIGKILL",
+                            ctr_uuid, time.time() - float(term_at),
+                            extra={"container_uuid": ctr_uuid, "job_id": str(pid)})
+                os.killpg(pid, signal.SIGKILL)
+                return
             # crunch-run only: it stops the container and its children itself.
-            os.kill(int(rec["pid"]), signal.SIGTERM)
+            os.kill(pid, signal.SIGTERM)
         except ProcessLookupError:
             return
         except OSError as exc:
-            raise CancelFailed(f"kill {rec['pid']}: {exc.strerror}") from None
+            raise CancelFailed(f"kill {pid}: {exc.strerror}") from None
+        if term_at is None:
+            self._write_record(ctr_uuid, {**rec, "term_at": time.time()})
 
     async def set_priorities(self, wanted: Mapping[str, int], jobs: Mapping[str, Job]) -> None:
         # Used to order pending jobs: the most wanted container gets the next free slot.

@@ -188,3 +188,23 @@ def test_job_environment_carries_the_api_credentials():
                    "ARVADOS_API_TOKEN": ROOT_TOKEN, "ARVADOS_API_HOST_INSECURE": ""}
     cfg.tls.insecure = True
     assert job_environment(cfg, {})["ARVADOS_API_HOST_INSECURE"] == "1"
+
+
+def test_job_ignoring_sigterm_is_killed_on_a_later_cancel(local_env):
+    cfg, make, out, jobdir = local_env
+    cfg.containers.crunch_run_arguments_list = [
+        "-c", 'trap "" TERM; echo "start $2" >> "$CG_OUT"; while :; do sleep 0.05; done', "x"]
+    be = make(kill_after_s=60)
+    u = uuid(9)
+    core_run(be.submit({"uuid": u}))
+    wait_for(lambda: f"start {u}" in out.read_text())
+    core_run(be.cancel(u, None))
+    record = jobdir / f"{u}.job"
+    rec = json.loads(record.read_text())
+    assert rec["term_at"] > 0
+    core_run(be.cancel(u, None))  # SIGTERM again: still within kill_after_s
+    assert u in listed(be)  # SIGTERM was ignored
+    # a minute later (backdate the first SIGTERM rather than wait)
+    record.write_text(json.dumps({**rec, "term_at": rec["term_at"] - 61}))
+    core_run(be.cancel(u, None))
+    wait_for(lambda: u not in listed(be))
