@@ -45,6 +45,7 @@ log = get_logger("lsf")
 # The job name is the container UUID; anything else is refused before it reaches bsub.
 UUID_RE = re.compile(r"^[a-z0-9]{5}-dz642-[a-z0-9]{15}$")
 
+
 def to_job(lj: LsfJob) -> Job:
     """A bjobs record as the loop's :class:`Job`."""
     return Job(name=lj.name, job_id=lj.job_id, state=lj.stat,

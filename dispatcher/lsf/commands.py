@@ -200,7 +200,8 @@ class LsfCLI:
         Raises :class:`LsfCommandError` when the job may still be there.
         """
         if not job_id.isdigit():
-            raise LsfCommandError("bkill", "other", f"refusing to bkill non-numeric job id {job_id!r}")
+            raise LsfCommandError("bkill", "other",
+                                  f"refusing to bkill non-numeric job id {job_id!r}")
         argv = ["bkill", job_id]
         res = await self._run(self.submit_runner, argv, command="bkill", check=False)
         outcome = parse.parse_bkill(res.returncode, f"{res.stdout}\n{res.stderr}")
