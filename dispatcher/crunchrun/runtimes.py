@@ -26,6 +26,7 @@ from __future__ import annotations
 import abc
 import os
 import re
+import shutil
 import signal
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -279,6 +280,9 @@ class Runtime(abc.ABC):
         """The address where connections to container ports go."""
         return "127.0.0.1"
 
+    def _which(self, name: str) -> str:
+        return shutil.which(name, path=self.environ.get("PATH", DEFAULT_PATH)) or name
+
 
 class LocalRuntime(Runtime):
     """Runs the command as a plain host process; ``container_image`` is ignored."""
@@ -323,7 +327,8 @@ class DockerRuntime(Runtime):
         return docker_run_argv(self.spec, tmpdir=self.container_tmpdir)
 
     def exec_argv(self, command: list[str], tty: bool) -> list[str]:
-        return docker_exec_argv(self.spec.uuid, command, tty)
+        # Absolute path: the gateway may run this with the container's environment (no PATH).
+        return docker_exec_argv(self.spec.uuid, command, tty, docker=self._which("docker"))
 
     def process_env(self) -> dict[str, str]:
         env = host_runtime_env(self.environ)
@@ -364,7 +369,9 @@ class SingularityRuntime(Runtime):
         target = find_namespaced_descendant(self.pid) if self.pid else None
         if target is None:
             raise RuntimeError("cannot find the singularity container's process to nsenter")
-        return nsenter_argv(target, command)
+        argv = nsenter_argv(target, command)
+        argv[0] = self._which("nsenter")
+        return argv
 
 
 RUNTIMES: dict[str, type[Runtime]] = {

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -65,11 +66,18 @@ def test_docker_runtime_process_env_has_no_host_secrets() -> None:
     assert rt.process_env() == {"PATH": "/bin"}
 
 
-def test_docker_exec_and_kill() -> None:
+def test_docker_exec_and_kill(tmp_path: Path) -> None:
     assert docker_exec_argv(UUID, ["ls", "-l"], False) == ["docker", "exec", "-i", UUID, "ls", "-l"]
     assert docker_exec_argv(UUID, ["bash"], True) == ["docker", "exec", "-i", "-t", UUID, "bash"]
     assert docker_kill_argv(UUID, signal.SIGTERM) == ["docker", "kill", "--signal=SIGTERM", UUID]
-    assert DockerRuntime(spec()).exec_argv(["id"], False) == ["docker", "exec", "-i", UUID, "id"]
+    argv = DockerRuntime(spec(), {"PATH": "/nonexistent"}).exec_argv(["id"], False)
+    assert argv == ["docker", "exec", "-i", UUID, "id"]
+    # With docker on PATH the gateway gets an absolute path (it may run with the container env).
+    fake = tmp_path / "docker"
+    fake.write_text("#!/bin/sh\n")
+    fake.chmod(0o755)
+    argv = DockerRuntime(spec(), {"PATH": str(tmp_path)}).exec_argv(["id"], False)
+    assert argv == [str(fake), "exec", "-i", UUID, "id"]
 
 
 def test_singularity_argv_and_env() -> None:
