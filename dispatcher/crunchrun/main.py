@@ -223,6 +223,10 @@ def _child_args(args: argparse.Namespace, lock_dir: str) -> list[str]:
 
 def run_foreground(args: argparse.Namespace, lock_dir: str, secret: str) -> int:
     """Hold the lock (handed over, or taken now when possible) and run the container."""
+    # crunch-run --list probes liveness with SIGUSR2 (reference 5.8) at any time, also while we
+    # clean up. A Python-level no-op handler (unlike SIG_IGN, which --detach starts us with)
+    # is reset by exec, so the container's processes get the default disposition back.
+    signal.signal(signal.SIGUSR2, _ignore_signal)
     held: locks.HeldLock | None = None
     if args.lock_fd is not None:
         os.set_inheritable(args.lock_fd, False)  # the container must not keep it alive
@@ -261,6 +265,10 @@ def run_foreground(args: argparse.Namespace, lock_dir: str, secret: str) -> int:
     finally:
         if held is not None:
             held.release()
+
+
+def _ignore_signal(signum: int, frame: object) -> None:
+    return None
 
 
 def _make_client(args: argparse.Namespace) -> ArvadosClient:

@@ -398,11 +398,10 @@ class Runner:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop,
                                     f"crunch-run received {sig.name}", True)
-        # crunch-run --list probes liveness with SIGUSR2 (reference 5.8): must not kill us.
-        loop.add_signal_handler(signal.SIGUSR2, lambda: None)
+        # (SIGUSR2, the --list liveness probe, is handled for the whole process by main.)
 
     def _remove_signal_handlers(self, loop: asyncio.AbstractEventLoop) -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2):
+        for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
 
     def _cleanup_scratch(self) -> None:

@@ -281,7 +281,7 @@ def test_detach_list_kill(cr: CrunchRun) -> None:
 
 def test_detach_with_stdin_config_like_dispatch_cloud(cr: CrunchRun) -> None:
     """arvados-dispatch-cloud's way: credentials and secret as JSON on stdin, not in env."""
-    uuid = locked(cr.api, ["sh", "-c", "env; echo done"])
+    uuid = locked(cr.api, ["sh", "-c", "grep SigIgn /proc/$$/status; env; echo done"])
     env = {k: v for k, v in cr.env().items() if not k.startswith(("ARVADOS_", "Gateway"))}
     config = {"Env": {"ARVADOS_API_HOST": cr.api.url, "ARVADOS_API_TOKEN": cr.api.token,
                       "ARVADOS_API_HOST_INSECURE": "1", "GatewayAuthSecret": SECRET,
@@ -295,6 +295,9 @@ def test_detach_with_stdin_config_like_dispatch_cloud(cr: CrunchRun) -> None:
     assert out.endswith("done\n")
     assert SECRET not in out and cr.api.token not in out
     assert "InstanceType" not in out  # crunch-run's own environment is not the container's
+    # The --list probe signal is not left ignored for the container's processes.
+    ignored = int(out.split("SigIgn:", 1)[1].split()[0], 16)
+    assert not ignored & (1 << (signal.SIGUSR2 - 1))
     log_file = cr.scratch / f"crunch-run-{uuid}.log"
     assert log_file.exists() and SECRET not in log_file.read_text()
 
