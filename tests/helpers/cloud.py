@@ -321,25 +321,19 @@ class MotoInfo:
     port: int
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def cloud_moto() -> Iterator[MotoInfo]:
-    """moto's server mode on a free loopback port (its own process; stopped by PID)."""
-    import sys
+    """moto's EC2 server mode on a free loopback port (one per test session; tests keep apart
+    by using their own InstanceSetID tags)."""
+    from moto.server import ThreadedMotoServer
 
-    port = free_port()
-    env = dict(os.environ, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
-               AWS_DEFAULT_REGION="us-east-1")
-    proc = subprocess.Popen(
-        [sys.executable, "-c",
-         "import sys; from moto.server import main; sys.exit(main(sys.argv[1:]))",
-         "-H", "127.0.0.1", "-p", str(port)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
     try:
-        wait_port(port, 30)
-        yield MotoInfo(f"http://127.0.0.1:{port}", port)
+        _, port = server.get_host_and_port()
+        yield MotoInfo(f"http://127.0.0.1:{port}", int(port))
     finally:
-        stop_pid(proc)
+        server.stop()
 
 
 # --- an in-memory controller for the real ContainerQueue ----------------------------------------
