@@ -325,13 +325,7 @@ class Dispatcher:
                 await self._sleep(self._poll_delay(), stop)
         self.consecutive_failures = 0
         while not stop.is_set():
-            try:
-                await self.poll_once()
-            except Exception:
-                # A bug or a malformed record must not end the dispatcher: log, back off, retry.
-                self.consecutive_failures += 1
-                self.metrics.errors.labels("internal").inc()
-                log.exception("unexpected error in dispatch poll")
+            await self.poll_once()
             await self._sleep(self._poll_delay(), stop)
         await self.close()
 
@@ -383,6 +377,12 @@ class Dispatcher:
         report = PollReport()
         try:
             await self._poll(poll_tick, report)
+        except Exception as exc:
+            # A bug or a malformed record must not end the dispatcher: log, back off, retry.
+            report.ok = False
+            report.errors.append(f"internal error: {exc!r}")
+            self.metrics.errors.labels("internal").inc()
+            log.exception("unexpected error in dispatch poll")
         finally:
             self.metrics.poll_seconds.observe(time.monotonic() - t0)
             if report.ok and report.jobs_ok:
