@@ -208,3 +208,17 @@ def test_job_ignoring_sigterm_is_killed_on_a_later_cancel(local_env):
     record.write_text(json.dumps({**rec, "term_at": rec["term_at"] - 61}))
     core_run(be.cancel(u, None))
     wait_for(lambda: u not in listed(be))
+
+
+def test_unsatisfiable_container_is_refused_before_anything_runs(local_env):
+    from dispatcher.config import InstanceType
+    from dispatcher.core.sizing import ConstraintsNotSatisfiable
+
+    cfg, make, out, jobdir = local_env
+    cfg.instance_types = {"small": InstanceType(name="small", vcpus=1, ram=1 << 30,
+                                                included_scratch=1 << 30, price=1.0)}
+    be = make()
+    with pytest.raises(ConstraintsNotSatisfiable):
+        core_run(be.submit({"uuid": uuid(10), "runtime_constraints": {"vcpus": 64,
+                                                                       "ram": 1 << 30}}))
+    assert not list(jobdir.iterdir())
