@@ -404,7 +404,8 @@ def stop_jobs(demo: Demo) -> None:
         return
 
     async def go() -> None:
-        backend = LocalBackend(load_config(demo.config_path), demo.state_dir, job_env={})
+        backend = LocalBackend(load_config(demo.config_path), demo.state_dir, job_env={},
+                               start_jobs=False)
         jobs = await backend.list_jobs()
         for name, job in jobs.items():
             await backend.cancel(name, job)

@@ -92,6 +92,7 @@ class LocalBackend(Backend):
         max_jobs: int | None = None,
         template: str = "local",
         kill_after_s: float = 300.0,
+        start_jobs: bool = True,
     ) -> None:
         self.cfg = cfg
         self.dir = Path(state_dir) / "local-jobs"
@@ -100,6 +101,8 @@ class LocalBackend(Backend):
         self.template = template
         # A cancelled job still alive this long after its first SIGTERM gets SIGKILL.
         self.kill_after_s = kill_after_s
+        # False for a backend that only inspects or stops jobs (cleanup tools): never launches.
+        self.start_jobs = start_jobs
         self._children: dict[int, subprocess.Popen[bytes]] = {}
         self._wanted: dict[str, int] = {}
 
@@ -190,6 +193,8 @@ class LocalBackend(Backend):
                          extra={"container_uuid": uuid})
                 self._remove(uuid)
                 del records[uuid]
+        if not self.start_jobs:
+            return
         running = sum(1 for r in records.values() if r.get("pid") or r.get("launching"))
         pending = sorted(
             (u for u, r in records.items() if not r.get("pid") and not r.get("launching")),

@@ -107,7 +107,8 @@ class LocalCluster:
             from dispatcher.config import load_config
 
             async def stop_jobs():
-                be = LocalBackend(load_config(self.config), self.state_dir, job_env={})
+                be = LocalBackend(load_config(self.config), self.state_dir, job_env={},
+                                  start_jobs=False)
                 for name, job in (await be.list_jobs()).items():
                     await be.cancel(name, job)
                 deadline = time.monotonic() + 15

@@ -222,3 +222,18 @@ def test_unsatisfiable_container_is_refused_before_anything_runs(local_env):
         core_run(be.submit({"uuid": uuid(10), "runtime_constraints": {"vcpus": 64,
                                                                        "ram": 1 << 30}}))
     assert not list(jobdir.iterdir())
+
+
+def test_inspecting_backend_never_starts_jobs(local_env):
+    cfg, make, out, jobdir = local_env
+    runner = make(max_jobs=1)
+    a, b = uuid(11), uuid(12)
+    core_run(runner.submit({"uuid": a}))
+    core_run(runner.submit({"uuid": b}))
+    inspector = make(start_jobs=False, max_jobs=10)
+    jobs = listed(inspector)
+    assert jobs[a].state == "RUNNING" and jobs[b].pending
+    for name, job in jobs.items():
+        core_run(inspector.cancel(name, job))
+    wait_for(lambda: not listed(inspector))
+    assert f"start {b}" not in out.read_text()
