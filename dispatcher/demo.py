@@ -56,7 +56,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, default=180.0, metavar="SECONDS",
                         help="give up if the containers are not done by then "
                         "(default: %(default)s)")
-    parser.add_argument("--max-jobs", type=int, default=None,
+    parser.add_argument("--max-jobs", type=int, default=None, metavar="N",
                         help="local jobs running at once (default: dispatch-local's)")
 
 

@@ -29,14 +29,14 @@ SERVICE = "DispatchLocal"
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     """Options of ``crunchgate dispatch-local``."""
-    parser.add_argument("--config", default=os.environ.get("ARVADOS_CONFIG",
-                                                           "/etc/arvados/config.yml"),
+    parser.add_argument("--config", metavar="FILE",
+                        default=os.environ.get("ARVADOS_CONFIG", "/etc/arvados/config.yml"),
                         help="cluster config file (default: %(default)s)")
     parser.add_argument("--cluster", default=None, help="cluster ID, if the file has several")
-    parser.add_argument("--state-dir", default=None,
+    parser.add_argument("--state-dir", default=None, metavar="DIR",
                         help="where job records and output live "
                         "(default: <Crunchgate.DataDirectory>/dispatch-local)")
-    parser.add_argument("--max-jobs", type=int, default=None,
+    parser.add_argument("--max-jobs", type=int, default=None, metavar="N",
                         help="how many jobs may run at once (default: 2 x CPU cores)")
 
 
