@@ -686,7 +686,12 @@ class Dispatcher:
     ) -> None:
         ctx = {"container_uuid": tr.uuid}
         status = dict(rec.get("runtime_status") or {})
-        status["error"] = message
+        # Well-known keys (reference 1.4): a one-line error, the rest (e.g. the list of
+        # available instance types) as errorDetail.
+        first, _, rest = message.partition("\n")
+        status["error"] = first
+        if rest.strip():
+            status["errorDetail"] = rest.strip()
         try:
             async with self._api_sem:
                 # runtime_status can only be written while we hold the lock: before Cancelled.

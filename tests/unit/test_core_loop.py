@@ -451,6 +451,8 @@ def test_unsatisfiable_container_gets_the_reference_message():
     assert rec["runtime_status"]["error"].startswith(
         f"cannot run container {uuid}: constraints not satisfiable")
     assert 'Type "small": 1 VCPUs' in api.logs[0]["properties"]["text"]
+    assert "\n" not in rec["runtime_status"]["error"]
+    assert rec["runtime_status"]["errorDetail"].startswith("Available instance types:\nType")
 
 
 def test_transient_submit_failure_unlocks_and_backs_off():
