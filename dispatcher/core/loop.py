@@ -701,9 +701,20 @@ class Dispatcher:
             log.warning("error setting runtime_status on %s: %s", tr.uuid, _err(exc), extra=ctx)
         await self._set_state(tr, "Cancelled")
 
-    async def _set_state(self, tr: Tracked, state: str) -> bool:
+    async def _set_state(self, tr: Tracked, state: str, error: str = "") -> bool:
+        """Change the state; with ``error``, also set ``runtime_status.error`` in the same
+        update (allowed when leaving Running), falling back to the state alone if refused."""
         try:
             async with self._api_sem:
+                if error:
+                    status = {**(tr.record.get("runtime_status") or {}), "error": error}
+                    try:
+                        await self.client.update("containers", tr.uuid,
+                                                 {"state": state, "runtime_status": status})
+                        return True
+                    except Exception as exc:
+                        if getattr(exc, "status", None) != 422:
+                            raise
                 await self.client.update("containers", tr.uuid, {"state": state})
             return True
         except Exception as exc:
@@ -763,10 +774,10 @@ class Dispatcher:
         if self._owner(rec) is not Owner.ME:
             return
         if rec.get("state") == "Running":
-            if await self._set_state(tr, "Cancelled"):
-                await self._write_log_record(
-                    tr.uuid, f"container {tr.uuid}: the {self.backend.name} job ended while the "
-                    "container was Running; cancelled it")
+            why = (f"the {self.backend.name} job running this container ended without "
+                   "crunch-run finishing it (killed, or its node failed)")
+            if await self._set_state(tr, "Cancelled", error=why):
+                await self._write_log_record(tr.uuid, f"container {tr.uuid}: {why}; cancelled it")
         elif rec.get("state") == "Locked":
             await self._unlock(tr, "its job left the queue before crunch-run started it")
 

@@ -116,3 +116,17 @@ def test_permanent_failure_sets_error_and_cancels(local_ctl):
     assert "Invalid partition name" in rec["runtime_status"]["error"]
     assert rec["lock_count"] == 1
     assert [entry["event_type"] for entry in logs] == ["dispatch"]
+
+
+def test_running_container_whose_job_vanished_is_cancelled_with_reason(local_ctl):
+    async def body(client, d, be, clock):
+        _, uuid = await new_container(client)
+        await poll(d)
+        await client.update("containers", uuid, {"state": "Running"})  # as crunch-run would
+        await poll(d)
+        be.jobs.clear()  # the node died
+        await poll(d)
+        return await client.get("containers", uuid)
+    rec = scenario(local_ctl, body)
+    assert rec["state"] == "Cancelled"
+    assert "ended without crunch-run finishing it" in rec["runtime_status"]["error"]

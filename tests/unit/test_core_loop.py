@@ -283,8 +283,9 @@ def test_running_container_whose_job_vanished_is_cancelled():
     core_run(go())
     assert api.containers[uuid]["state"] == "Cancelled"
     assert api.ops("get") == [uuid]
-    assert any("ended while the container was Running" in e["properties"]["text"]
+    assert any("ended without crunch-run finishing it" in e["properties"]["text"]
                for e in api.logs)
+    assert "ended without crunch-run" in api.containers[uuid]["runtime_status"]["error"]
 
 
 def test_locked_container_whose_job_vanished_is_unlocked():
