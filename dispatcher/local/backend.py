@@ -181,8 +181,17 @@ class LocalBackend(Backend):
                     continue
                 pid = _find_marked_process(uuid)
                 if pid is None:
-                    # The launch never happened (or the job is long gone): pending again.
+                    # The launch never happened, or the job is long gone. Only after a second
+                    # miss a while later: pending again (a wrong guess would run it twice).
+                    missed = rec.get("launch_missed_at")
+                    if missed is None:
+                        rec["launch_missed_at"] = now
+                        self._write_record(uuid, rec)
+                        continue
+                    if now - float(missed) < LAUNCH_GRACE_S:
+                        continue
                     rec.pop("launching", None)
+                    rec.pop("launch_missed_at", None)
                 else:
                     stat = _proc_stat(pid)
                     rec.update(pid=pid, start_ticks=stat[1] if stat else None)

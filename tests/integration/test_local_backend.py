@@ -9,6 +9,7 @@ import signal
 import stat
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -139,6 +140,9 @@ def test_interrupted_launch_is_recovered_from_the_marker(local_env):
     env = {**os.environ, MARKER_ENV: u}
     proc = subprocess.Popen(["sleep", "30"], env=env, start_new_session=True)
     try:
+        # (the exec of "sleep" is complete once its environment shows the marker)
+        wait_for(lambda: f"{MARKER_ENV}={u}".encode() in
+                 Path(f"/proc/{proc.pid}/environ").read_bytes().split(b"\0"))
         (jobdir / f"{u}.job").write_text(json.dumps(
             {"pid": 0, "launching": True, "launching_at": time.time() - 60}))
         jobs = listed(be)
@@ -237,3 +241,23 @@ def test_inspecting_backend_never_starts_jobs(local_env):
         core_run(inspector.cancel(name, job))
     wait_for(lambda: not listed(inspector))
     assert f"start {b}" not in out.read_text()
+
+
+def test_interrupted_launch_without_a_process_is_pending_again_after_a_second_miss(local_env):
+    cfg, make, out, jobdir = local_env
+    be = make()
+    u = uuid(13)
+    record = jobdir / f"{u}.job"
+    record.write_text(json.dumps({"pid": 0, "launching": True,
+                                  "launching_at": time.time() - 60}))
+    jobs = listed(be)
+    assert jobs[u].pending  # first miss: still counted as launching, not started again
+    rec = json.loads(record.read_text())
+    assert rec["launching"] and rec["launch_missed_at"]
+    # a while later (backdate the first miss rather than wait) it is launched again
+    (jobdir / f"{u}.sh").write_text("#!/bin/sh\nexec sleep 30\n")
+    record.write_text(json.dumps({**rec, "launch_missed_at": rec["launch_missed_at"] - 60}))
+    jobs = listed(be)
+    assert jobs[u].state == "RUNNING"
+    core_run(be.cancel(u, jobs[u]))
+    wait_for(lambda: u not in listed(be))
