@@ -480,24 +480,41 @@ class Dispatcher:
         unknown: set[str],
         report: PollReport,
     ) -> None:
-        for i in range(0, len(uuids), UUID_BATCH):
-            batch = uuids[i:i + UUID_BATCH]
+        """Look containers up by UUID, batches of 20 run concurrently (bounded).
+
+        A UUID absent from a successful answer is ``missing`` (deleted); every UUID of a failed
+        batch is ``unknown`` — never "missing" on missing data.
+        """
+
+        async def one(batch: list[str]) -> None:
             try:
-                page = await self.client.list(
-                    "containers", filters=[["uuid", "in", batch]], limit=len(batch),
-                    count="none")
+                async with self._api_sem:
+                    page = await self.client.list(
+                        "containers", filters=[["uuid", "in", batch]], limit=len(batch),
+                        count="none")
             except Exception as exc:
                 unknown.update(batch)
                 report.errors.append(f"by-uuid: {_err(exc)}")
                 self.metrics.errors.labels("query").inc()
                 log.warning('error getting list of containers: "%s"', _err(exc))
-                continue
-            found = {row["uuid"]: row for row in page.get("items") or [] if row.get("uuid")}
+                return
+            found = {row.get("uuid"): row for row in page.get("items") or []}
+            if set(found) - set(batch):
+                # The server ignored our filter: trust nothing from this answer.
+                unknown.update(batch)
+                report.errors.append("by-uuid: server response did not match the filter")
+                self.metrics.errors.labels("query").inc()
+                log.error("BUG? server response did not match requested filters; "
+                          "ignoring it rather than act on wrong data")
+                return
             for uuid in batch:
                 if uuid in found:
                     records[uuid] = found[uuid]
                 else:
                     missing.add(uuid)
+
+        await asyncio.gather(*(one(uuids[i:i + UUID_BATCH])
+                               for i in range(0, len(uuids), UUID_BATCH)))
 
     # --- decisions ------------------------------------------------------------------------------
 

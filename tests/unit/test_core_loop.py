@@ -659,3 +659,43 @@ def test_unexpected_error_in_a_poll_does_not_end_the_loop():
         await asyncio.wait_for(task, 5)
     core_run(go())
     assert not broken[0] and be.submitted == [uuid]
+
+
+def test_by_uuid_answer_that_ignores_the_filter_is_not_trusted():
+    api, be, d, _ = setup()
+    uuid = api.add_container("Running", 1)
+    be.jobs[uuid] = job(uuid)
+
+    async def go():
+        await poll(d)
+        api.containers[uuid].update(state="Complete", locked_by_uuid=None)
+        stranger = api.add_container("Complete", 1)
+        original = api.list
+
+        async def unfiltered(resource, **kw):
+            if kw.get("filters", [[None]])[0][0] == "uuid":
+                kw = {**kw, "filters": [["uuid", "in", [uuid, stranger]]], "limit": 20}
+            return await original(resource, **kw)
+        api.list = unfiltered
+        r = await poll(d)
+        assert uuid not in r.decisions and be.cancelled == []
+        assert any("did not match" in e for e in r.errors)
+    core_run(go())
+
+
+def test_many_tracked_containers_are_looked_up_in_batches_of_20():
+    api, be, d, _ = setup()
+    uuids = [api.add_container("Running", 1) for _ in range(45)]
+    for u in uuids:
+        be.jobs[u] = job(u)
+
+    async def go():
+        await poll(d)
+        for u in uuids:
+            api.containers[u].update(state="Complete", locked_by_uuid=None)
+        n = len(api.ops("list"))
+        await poll(d)
+        by_uuid = [f for f in api.ops("list")[n:] if "'uuid', 'in'" in f]
+        assert len(by_uuid) == 3
+    core_run(go())
+    assert sorted(be.cancelled) == sorted(uuids)
