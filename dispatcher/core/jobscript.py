@@ -32,6 +32,7 @@ from dispatcher.logs import register_secret
 
 _TEMPLATE_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 _ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_PLACEHOLDER_RE = re.compile(r"\{\{(env|argv)\}\}")
 
 
 class JobScriptError(CoreError):
@@ -83,7 +84,9 @@ def render_script(name: str, env: Mapping[str, str], argv: Sequence[str]) -> str
             raise JobScriptError(f"environment variable name {key!r} is not a valid shell name")
         env_part.append(f"{key}={shell_quote(_check(f'environment variable {key}', value))} ")
     argv_part = [" " + shell_quote(_check(f"argument {i}", a)) for i, a in enumerate(argv)]
-    return template.replace("{{env}}", "".join(env_part)).replace("{{argv}}", "".join(argv_part))
+    parts = {"env": "".join(env_part), "argv": "".join(argv_part)}
+    # One pass over the template: a value that happens to contain "{{argv}}" stays literal.
+    return _PLACEHOLDER_RE.sub(lambda m: parts[m.group(1)], template)
 
 
 def crunch_run_argv(

@@ -39,6 +39,11 @@ def test_reference_examples(env, argv, expected):
         assert render_script(template, env, argv) == expected
 
 
+def test_placeholder_text_in_values_stays_literal():
+    assert render_script("slurm", {"A": "{{argv}}"}, ["{{env}}"]) == (
+        "#!/bin/sh\nA='{{argv}}' exec '{{env}}'\n")
+
+
 def test_shell_quote():
     assert shell_quote("") == "''"
     assert shell_quote("it's") == "'it'\\''s'"
@@ -86,9 +91,10 @@ def test_bad_env_name_and_template_name():
 
 
 # Anything but NUL (which a C string cannot carry) and lone surrogates (not encodable).
-shell_text = st.text(
-    alphabet=st.characters(blacklist_characters="\x00", blacklist_categories=("Cs",)),
-    max_size=40,
+shell_text = st.one_of(
+    st.text(alphabet=st.characters(blacklist_characters="\x00", blacklist_categories=("Cs",)),
+            max_size=40),
+    st.sampled_from(["{{argv}}", "{{env}}", "$(id)", "`id`", "'", "\\", "\n", "-c", "'\\''"]),
 )
 DUMP = ("import json,os,sys;"
         "print(json.dumps({'argv': sys.argv[1:], 'env': os.environ.get('CG_VALUE'),"
