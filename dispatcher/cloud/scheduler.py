@@ -590,10 +590,13 @@ class Scheduler:
                 if remaining <= 0:
                     break
                 changed.clear()
+                waiter = asyncio.ensure_future(changed.wait())
+                timer = asyncio.ensure_future(self.clock.sleep(min(remaining, 1.0)))
                 try:
-                    await asyncio.wait_for(changed.wait(), timeout=min(remaining, 1.0))
-                except TimeoutError:
-                    pass
+                    await asyncio.wait([waiter, timer], return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    waiter.cancel()
+                    timer.cancel()
             else:
                 return 0
         finally:

@@ -360,3 +360,34 @@ def test_locked_with_priority_zero_is_requeued():
     sch = new_sched(q, StubPool())
     run_pass(sch)
     assert q.changes == [(U(1), "Locked", "Queued")]
+
+
+# --- fixStaleLocks (reference 5.5.5) ----------------------------------------------------------
+
+
+def _stale_setup(unknown: bool):
+    q = StubQueue()
+    q.add(make_ent(1, "Locked", menu=MENU))
+    q.add(make_ent(2, "Locked", menu=MENU))
+    views = [view("u", itype(1), State.UNKNOWN if unknown else State.IDLE,
+                  running=[U(2)])]
+    pool = StubPool(views=views, run={U(2): 0.0})
+    return q, pool, Scheduler(stub_config(MENU), q, pool, clock=FakeClock())
+
+
+async def _loaded() -> None:
+    return None
+
+
+def test_fix_stale_locks_unlocks_after_timeout_when_unknown_workers_exist():
+    q, pool, sch = _stale_setup(unknown=True)
+    n = asyncio.run(sch.fix_stale_locks(_loaded, 5.0))
+    # Container 1 runs nowhere: unlocked. Container 2 is reported running: kept.
+    assert n == 1
+    assert q.changes == [(U(1), "Locked", "Queued")]
+
+
+def test_fix_stale_locks_does_nothing_without_unknown_workers():
+    q, pool, sch = _stale_setup(unknown=False)
+    assert asyncio.run(sch.fix_stale_locks(_loaded, 5.0)) == 0
+    assert q.changes == []
