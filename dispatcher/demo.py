@@ -1,10 +1,12 @@
 """``crunchgate demo``: the whole path on one machine, with a live view.
 
-Writes a cluster config into a fresh directory, starts ``crunchgate controller`` and
-``crunchgate dispatch-local`` as child processes, submits a mix of container requests through the
-API (commands that succeed, fail on purpose, print output, sleep a little; ``local`` runtime),
-shows a progress bar with counts by state, and ends with a table of every container (UUID, final
-state, exit code, run time) and a summary line.
+Writes a cluster config into a fresh directory, starts ``crunchgate controller`` (which hosts the
+tunnel broker) and ``crunchgate dispatch-local`` as child processes, submits a mix of container
+requests through the API (commands that succeed, fail on purpose, print output, sleep a little;
+``local`` runtime), plus one container that waits until the demo has opened a shell in it through
+the reverse tunnel and run a command (then it is cancelled), shows a progress bar with counts by
+state, and ends with a table of every container (UUID, final state, exit code, run time), the
+shell session's output, one container's stdout, and a summary line.
 
 Exit status 0 when every container reached the state and exit code its command implies.
 Everything it started is stopped at the end (also on Ctrl-C), unless ``--keep``: then the
@@ -39,6 +41,7 @@ from rich.table import Table
 CLUSTER_ID = "zdemo"
 FINAL = ("Complete", "Cancelled")
 START_TIMEOUT_S = 30.0
+SHELL_TIMEOUT_S = 60.0
 
 
 class DemoError(Exception):
@@ -56,6 +59,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, default=180.0, metavar="SECONDS",
                         help="give up if the containers are not done by then "
                         "(default: %(default)s)")
+    parser.add_argument("--no-shell", action="store_true",
+                        help="skip the shell session into a running container")
     parser.add_argument("--max-jobs", type=int, default=None, metavar="N",
                         help="local jobs running at once (default: dispatch-local's)")
 
@@ -69,14 +74,22 @@ class Workload:
 
     kind: str
     command: list[str]
-    exit_code: int
+    exit_code: int | None
+    expect_state: str = "Complete"
+
+
+# A container that waits to be visited: the demo opens a shell in it through the tunnel broker,
+# runs one command, then cancels it (priority 0).
+SHELL_WORKLOAD = Workload("shell", ["sh", "-c", "echo 'waiting for a visitor'; exec sleep 300"],
+                          None, "Cancelled")
+SHELL_COMMAND = ["sh", "-c", 'echo "hello from inside container $CRUNCHGATE_DEMO, cwd $(pwd)"']
 
 
 def workload(n: int) -> list[Workload]:
     """``n`` container commands cycling through four kinds; each is unique (no container reuse)."""
     kinds = [
         lambda i: Workload("succeed", ["sh", "-c", f"echo 'container {i}: hello'; exit 0"], 0),
-        lambda i: Workload("print", ["sh", "-c", f"for k in 1 2 3; do echo \"line $k of {i}\";"
+        lambda i: Workload("print", ["sh", "-c", f"for k in 1 2 3; do echo \"line $k from {i}\";"
                                      " done; ls / > /dev/null"], 0),
         lambda i: Workload("sleep", ["sh", "-c", f"sleep 0.{3 + i % 5}; echo 'slept {i}'"], 0),
         lambda i: Workload("fail", ["sh", "-c", f"echo 'container {i}: failing on purpose' >&2;"
@@ -208,9 +221,9 @@ async def wait_for_controller(demo: Demo, child: Child) -> None:
                     f"see its log: {child.log_path}")
 
 
-async def submit(client: Any, items: Sequence[Workload]) -> list[str]:
-    """Create one committed container request per item; returns their container UUIDs."""
-    uuids = []
+async def submit(client: Any, items: Sequence[Workload]) -> list[tuple[str, str]]:
+    """Create one committed container request per item; returns (request, container) UUIDs."""
+    out = []
     for i, w in enumerate(items):
         cr = await client.create("container_requests", {
             "name": f"demo {i} ({w.kind})",
@@ -220,14 +233,66 @@ async def submit(client: Any, items: Sequence[Workload]) -> list[str]:
             "container_image": "local",
             "cwd": "/tmp",
             "output_path": "/tmp",
-            "environment": {"DEMO_INDEX": str(i)},
+            "environment": {"CRUNCHGATE_DEMO": str(i)},
             "runtime_constraints": {"vcpus": 1, "ram": 64 << 20},
         })
         if not cr.get("container_uuid"):
             raise DemoError(f"the controller created request {cr.get('uuid')} without a "
                             "container; check the controller log")
-        uuids.append(cr["container_uuid"])
-    return uuids
+        out.append((cr["uuid"], cr["container_uuid"]))
+    return out
+
+
+@dataclass
+class ShellVisit:
+    """Open a shell in the "shell" container once it runs, run one command, cancel it."""
+
+    demo: Demo
+    client: Any
+    request_uuid: str
+    container_uuid: str
+    task: asyncio.Task[None] | None = None
+    exit_code: int | None = None
+    output: str = ""
+    error: str = ""
+
+    def tick(self, records: dict[str, dict[str, Any]]) -> None:
+        state = records.get(self.container_uuid, {}).get("state")
+        if self.task is None and state == "Running":
+            self.task = asyncio.get_running_loop().create_task(self._visit())
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0 and not self.error
+
+    async def _visit(self) -> None:
+        from tunnel.client.common import ApiTarget
+        from tunnel.client.shell import run_command_async
+
+        host = self.demo.controller_url.split("://", 1)[1]
+        api = ApiTarget(host, self.demo.root_token, insecure=True)
+        deadline = time.monotonic() + SHELL_TIMEOUT_S
+        try:
+            while True:
+                try:
+                    # crunch-run dials the broker right after it starts the container; retry
+                    # until its tunnel is up.
+                    self.exit_code, self.output = await run_command_async(
+                        api, self.container_uuid, SHELL_COMMAND, timeout_s=20)
+                    self.error = ""
+                    break
+                except Exception as exc:
+                    self.error = str(exc) or type(exc).__name__
+                    if time.monotonic() > deadline:
+                        break
+                    await asyncio.sleep(0.5)
+        finally:
+            # Done visiting: nobody wants it any more, the dispatcher and crunch-run stop it.
+            try:
+                await self.client.update("container_requests", self.request_uuid,
+                                         {"priority": 0})
+            except Exception as exc:
+                self.error = self.error or f"could not cancel the shell container: {exc}"
 
 
 async def fetch(client: Any, uuids: Sequence[str]) -> dict[str, dict[str, Any]]:
@@ -256,8 +321,8 @@ def _seconds(rec: dict[str, Any]) -> float | None:
     return (t1 - t0).total_seconds()
 
 
-async def watch(demo: Demo, client: Any, uuids: list[str],
-                dispatcher: Child) -> dict[str, dict[str, Any]]:
+async def watch(demo: Demo, client: Any, uuids: list[str], dispatcher: Child,
+                visit: ShellVisit | None = None) -> dict[str, dict[str, Any]]:
     """Show progress until every container is final; returns the final records."""
     deadline = time.monotonic() + demo.args.timeout
     records: dict[str, dict[str, Any]] = {}
@@ -286,7 +351,11 @@ async def watch(demo: Demo, client: Any, uuids: list[str],
                              ("Queued", "Locked", "Running", "Complete", "Cancelled", "?")
                              if counts.get(s))
             progress.update(task, completed=done, description=desc)
+            if visit is not None:
+                visit.tick(records)
             if done == len(uuids):
+                if visit is not None and visit.task is not None:
+                    await visit.task
                 return records
             if time.monotonic() > deadline:
                 raise DemoError(
@@ -296,8 +365,8 @@ async def watch(demo: Demo, client: Any, uuids: list[str],
             await asyncio.sleep(0.5)
 
 
-def result_table(uuids: list[str], items: list[Workload],
-                 records: dict[str, dict[str, Any]]) -> tuple[Table, int]:
+def result_table(uuids: list[str], items: list[Workload], records: dict[str, dict[str, Any]],
+                 visit: ShellVisit | None = None) -> tuple[Table, int]:
     """The final table and the number of containers that ended as expected."""
     table = Table(title="crunchgate demo: containers", box=box.SIMPLE_HEAD, padding=(0, 1))
     table.add_column("#", justify="right")
@@ -311,13 +380,16 @@ def result_table(uuids: list[str], items: list[Workload],
     for i, (u, w) in enumerate(zip(uuids, items, strict=True)):
         rec = records.get(u, {})
         state, code = rec.get("state", "?"), rec.get("exit_code")
-        ok = state == "Complete" and code == w.exit_code
+        ok = state == w.expect_state and (w.exit_code is None or code == w.exit_code)
+        if w.kind == "shell" and visit is not None:
+            ok = ok and visit.ok
         good += ok
         secs = _seconds(rec)
+        want = f"want {w.expect_state}" + ("" if w.exit_code is None else f", exit {w.exit_code}")
         table.add_row(
-            str(i), u, w.kind, f"[green]{state}" if state == "Complete" else f"[red]{state}",
+            str(i), u, w.kind, f"[green]{state}" if ok else f"[red]{state}",
             "" if code is None else str(code), "" if secs is None else f"{secs:.1f}s",
-            "[green]yes" if ok else f"[red]no: want exit {w.exit_code}",
+            "[green]yes" if ok else f"[red]no: {want}",
         )
     return table, good
 
@@ -355,24 +427,56 @@ async def run_demo(demo: Demo) -> int:
     demo.children.append(dispatcher)
     console.print(f"dispatch-local started (pid {dispatcher.proc.pid})")
 
-    items = workload(n)
+    shell = not demo.args.no_shell and tunnel_available()
+    items = ([SHELL_WORKLOAD] if shell else []) + workload(n)
     t0 = time.monotonic()
     async with ArvadosClient(demo.controller_url, demo.root_token, insecure=True,
                              retries=3) as client:
-        uuids = await submit(client, items)
-        console.print(f"submitted {n} container requests")
-        records = await watch(demo, client, uuids, dispatcher)
+        pairs = await submit(client, items)
+        uuids = [c for _, c in pairs]
+        console.print(f"submitted {len(items)} container requests"
+                      + (" (one waits for a shell session)" if shell else ""))
+        visit = ShellVisit(demo, client, *pairs[0]) if shell else None
+        records = await watch(demo, client, uuids, dispatcher, visit)
         elapsed = time.monotonic() - t0
-        table, good = result_table(uuids, items, records)
+        table, good = result_table(uuids, items, records, visit)
         console.print(table)
+        if visit is not None:
+            show_visit(console, visit)
         await show_output(console, client, uuids, items)
-    failed_on_purpose = sum(1 for w in items if w.exit_code != 0)
+    n = len(items)
+    failed_on_purpose = sum(1 for w in items if w.exit_code not in (0, None))
+    succeeded = sum(1 for w in items if w.exit_code == 0)
     style = "green" if good == n else "red"
     console.print(
         f"[bold {style}]{good} of {n} containers finished as expected[/] "
-        f"({n - failed_on_purpose} exit 0, {failed_on_purpose} exit 3 on purpose) "
-        f"in {elapsed:.1f}s")
+        f"({succeeded} exit 0, {failed_on_purpose} exit 3 on purpose"
+        + (", 1 cancelled after a shell session" if shell else "")
+        + f") in {elapsed:.1f}s")
     return 0 if good == n else 1
+
+
+def tunnel_available() -> bool:
+    """The shell step needs the tunnel package (the controller hosts the broker)."""
+    try:
+        import tunnel.client.shell  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def show_visit(console: Console, visit: ShellVisit) -> None:
+    """What the shell session through the tunnel did."""
+    cmd = " ".join(SHELL_COMMAND[:2]) + f" '{SHELL_COMMAND[2]}'"
+    if visit.ok:
+        console.print(f"shell into {visit.container_uuid} through the tunnel broker: "
+                      f"[dim]{cmd}[/] -> exit 0", highlight=False)
+        for line in visit.output.strip().splitlines()[:5]:
+            console.print(f"  [dim]{line}[/]", highlight=False)
+    else:
+        console.print(f"[red]shell into {visit.container_uuid} failed[/]: "
+                      f"{visit.error or f'exit {visit.exit_code}'}; see {visit.demo.data}/"
+                      "controller.log (run with --no-shell to skip this step)", highlight=False)
 
 
 async def show_output(console: Console, client: Any, uuids: list[str],
@@ -441,7 +545,8 @@ def print_keep_instructions(demo: Demo) -> None:
         "Use it with the Arvados SDK or the API:\n"
         f"  export ARVADOS_API_HOST={host}\n"
         f"  export ARVADOS_API_TOKEN={demo.root_token}\n"
-        "  export ARVADOS_API_HOST_INSECURE=1\n\n"
+        "  export ARVADOS_API_HOST_INSECURE=1\n"
+        "  crunchgate shell <container UUID>    # a shell in a running container\n\n"
         f"Stop it with:\n  kill {pids}\n"
     )
 

@@ -43,13 +43,17 @@ def test_demo_runs_the_workload_and_cleans_up(tmp_path):
     out = run_demo(tmp_path, "--containers", "6")
     assert out.returncode == 0, out.stdout + out.stderr
     text = out.stdout
-    assert "6 of 6 containers finished as expected" in text
+    # 6 sample containers + the one visited with a shell through the tunnel broker
+    assert "7 of 7 containers finished as expected" in text
     uuids = set(UUID_RE.findall(text))
-    assert len(uuids) == 6
-    # each row: uuid, kind, state, exit code (of 6: one "fail", which exits 3 on purpose)
-    rows = [line for line in text.splitlines() if UUID_RE.search(line)]
+    assert len(uuids) == 7
+    # table rows: uuid, kind, state, exit code (of 6: one "fail", which exits 3 on purpose)
+    rows = [line for line in text.splitlines() if UUID_RE.search(line) and "yes" in line]
     assert sum(1 for r in rows if re.search(r"\bfail\b.*Complete\s+3\b", r)) == 1
     assert sum(1 for r in rows if re.search(r"Complete\s+0\b", r)) == 5
+    assert sum(1 for r in rows if re.search(r"\bshell\b.*Cancelled", r)) == 1
+    assert "hello from inside container 0, cwd " in text
+    assert "line 3 from " in text  # a container's stdout, read back from its log records
     # Everything it started is gone: the services (pids in its logs) and the jobs.
     data = tmp_path / "demo"
     assert not list((data / "dispatch-local" / "local-jobs").glob("*.job"))
@@ -63,7 +67,7 @@ def test_demo_runs_the_workload_and_cleans_up(tmp_path):
 
 
 def test_demo_keep_leaves_a_usable_controller(tmp_path):
-    out = run_demo(tmp_path, "--containers", "1", "--keep")
+    out = run_demo(tmp_path, "--containers", "1", "--keep", "--no-shell")
     pids = [int(p) for p in re.search(r"kill ([\d ]+)", out.stdout).group(1).split()]
     try:
         assert out.returncode == 0, out.stdout + out.stderr
