@@ -20,6 +20,7 @@ Differences from the reference, on purpose (each tested):
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 from collections import deque
@@ -328,23 +329,23 @@ class Scheduler:
             if max_conc > 0 and trying >= max_conc:
                 continue  # keeps its lock if Locked; not locked if Queued
             trying += 1
-            slot = self._best_slot(ent, by_type, no_fit)
+            fit = self._best_slot(ent, by_type, no_fit)
             available = self._available_type(ent, capacity_memo)
             if state == "Queued":
-                if slot is None and at_quota:
+                if fit is None and at_quota:
                     over_quota = ordered[idx:]
                     break
-                if slot is None and available is None:
+                if fit is None and available is None:
                     continue
-                if self._bg(uuid, "locking", lambda u=uuid: self._lock(u)):
+                if self._bg(uuid, "locking", functools.partial(self._lock, uuid)):
                     res.locks += 1
-                if slot is not None:
-                    self._allocate(slot, ent, by_type)
+                if fit is not None:
+                    self._allocate(fit, ent, by_type)
                 continue
             # Locked
-            if slot is not None:
-                self._allocate(slot, ent, by_type)
-                v = slot.view
+            if fit is not None:
+                self._allocate(fit, ent, by_type)
+                v = fit.view
                 if not v.instance or v.worker_state not in (State.IDLE, State.RUNNING):
                     statuses[uuid] = STATUS_WAITING_BOOT.format(type=v.instance_type.name)
                     res.allocated_not_started += 1
@@ -409,7 +410,7 @@ class Scheduler:
             if ent.container.get("state") == "Locked" and uuid not in running:
                 log.info("unlock because pool capacity is used by higher priority containers",
                          extra={"container_uuid": uuid})
-                if self._bg(uuid, "unlocking", lambda u=uuid: self.queue.unlock(u)):
+                if self._bg(uuid, "unlocking", functools.partial(self.queue.unlock, uuid)):
                     res.unlocks += 1
         if over_quota:
             for slot in slots:

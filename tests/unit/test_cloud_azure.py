@@ -28,9 +28,17 @@ from dispatcher.cloud.errors import (  # noqa: E402
 from dispatcher.config import ClusterConfig, InstanceType  # noqa: E402
 
 
-def body(model):
-    """The REST body of an SDK model (old models: serialize(); new ones: as_dict())."""
-    return model.serialize() if hasattr(model, "serialize") else model.as_dict()
+def body(rest: dict, model_name: str) -> dict:
+    """Check that the SDK's own model class takes the REST body unchanged, and return it."""
+    import azure.mgmt.compute.models as cm
+    import azure.mgmt.network.models as nm
+
+    cls = getattr(cm, model_name, None) or getattr(nm, model_name)
+    if hasattr(cls, "deserialize"):          # msrest-style SDK versions
+        assert cls.deserialize(rest).serialize(keep_readonly=False) == rest
+    else:                                    # current SDKs: models are mappings
+        assert cls(rest).as_dict() == rest
+    return rest
 
 
 PARAMS = {"SubscriptionID": "sub", "ResourceGroup": "rg", "Network": "net", "Subnet": "sn",
@@ -43,7 +51,7 @@ def test_vm_parameters_spot_and_ssh_key():
     vm = vm_parameters(name="compute-x-1", location="westeurope", it=it, image_id="/img/1",
                        nic_id="/nic/1", admin_username="crunch", public_key="ssh-ed25519 AAA k",
                        init_command="echo hi", tags={"ArvadosInstanceSetID": "x"})
-    body_ = body(vm)
+    body_ = body(vm, "VirtualMachine")
     assert body_["properties"]["hardwareProfile"]["vmSize"] == "Standard_D2s_v3"
     assert body_["properties"]["priority"] == "Spot"
     assert body_["properties"]["evictionPolicy"] == "Delete"
@@ -60,13 +68,13 @@ def test_vm_parameters_on_demand_has_no_spot():
     it = InstanceType(name="d2", provider_type="Standard_D2s_v3", vcpus=2, ram=8 << 30, price=0.1)
     body_ = body(vm_parameters(name="n", location="l", it=it, image_id="i", nic_id="n",
                                admin_username="crunch", public_key=None, init_command="",
-                               tags={}))
+                               tags={}), "VirtualMachine")
     assert "priority" not in body_["properties"]
     assert "ssh" not in body_["properties"]["osProfile"]["linuxConfiguration"]
 
 
 def test_nic_parameters_private_ip_only():
-    body_ = body(nic_parameters("westeurope", "/subnets/sn", {"a": "b"}))
+    body_ = body(nic_parameters("westeurope", "/subnets/sn", {"a": "b"}), "NetworkInterface")
     ipc = body_["properties"]["ipConfigurations"][0]
     assert ipc["properties"]["subnet"]["id"] == "/subnets/sn"
     assert "publicIPAddress" not in ipc["properties"]

@@ -7,9 +7,10 @@ as cloud-init ``custom_data``, and Spot priority (eviction: delete, max price: t
 for preemptible types. Instances are listed from the resource group and filtered by tag; the
 address is the NIC's private IP.
 
-**There is no Azure emulator**: the request building (:func:`vm_parameters`,
-:func:`nic_parameters`) and error classification (:func:`classify_error`) are unit-tested with the
-SDK's own model classes; the calls themselves are thin and untested against a live Azure.
+**There is no Azure emulator**: the request bodies (:func:`vm_parameters`,
+:func:`nic_parameters`, REST JSON that every SDK version accepts) are unit-tested and checked
+against the SDK's own model classes, and so is the error classification (:func:`classify_error`);
+the calls themselves are thin and untested against a live Azure.
 
 Error classes: HTTP 429 -> ``RateLimitError`` (honouring ``Retry-After``); ``QuotaExceeded``
 (and ``OperationNotAllowed`` mentioning a quota) -> ``QuotaError``; ``SkuNotAvailable``,
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import re
 import secrets
 import time
 from collections.abc import Mapping
@@ -75,52 +77,63 @@ def _translate(exc: Exception) -> Exception:
     return classify_error(status, code, message, retry_after)
 
 
-def nic_parameters(location: str, subnet_id: str, tags: Mapping[str, str]) -> Any:
-    """The NetworkInterface model for a new instance (private IP only)."""
-    from azure.mgmt.network.models import (
-        NetworkInterface,
-        NetworkInterfaceIPConfiguration,
-        Subnet,
-    )
-
-    return NetworkInterface(
-        location=location, tags=dict(tags),
-        ip_configurations=[NetworkInterfaceIPConfiguration(
-            name="ip1", subnet=Subnet(id=subnet_id), private_ip_allocation_method="Dynamic")],
-    )
+def nic_parameters(location: str, subnet_id: str, tags: Mapping[str, str]) -> dict[str, Any]:
+    """The NetworkInterface request body (REST JSON; private IP only)."""
+    return {
+        "location": location,
+        "tags": dict(tags),
+        "properties": {"ipConfigurations": [{
+            "name": "ip1",
+            "properties": {"subnet": {"id": subnet_id}, "privateIPAllocationMethod": "Dynamic"},
+        }]},
+    }
 
 
 def vm_parameters(*, name: str, location: str, it: InstanceType, image_id: str, nic_id: str,
                   admin_username: str, public_key: str | None, init_command: str,
-                  tags: Mapping[str, str]) -> Any:
-    """The VirtualMachine model for a new instance."""
-    from azure.mgmt.compute import models as m
-
-    linux = m.LinuxConfiguration(disable_password_authentication=True)
+                  tags: Mapping[str, str]) -> dict[str, Any]:
+    """The VirtualMachine request body (REST JSON, accepted by every SDK version as is)."""
+    linux: dict[str, Any] = {"disablePasswordAuthentication": True}
     if public_key:
-        linux.ssh = m.SshConfiguration(public_keys=[m.SshPublicKey(
-            path=f"/home/{admin_username}/.ssh/authorized_keys", key_data=public_key)])
-    vm = m.VirtualMachine(
-        location=location,
-        tags=dict(tags),
-        hardware_profile=m.HardwareProfile(vm_size=it.provider_type or it.name),
-        storage_profile=m.StorageProfile(
-            image_reference=m.ImageReference(id=image_id),
-            os_disk=m.OSDisk(create_option="FromImage", delete_option="Delete",
-                             managed_disk=m.ManagedDiskParameters(
-                                 storage_account_type="Standard_LRS"))),
-        os_profile=m.OSProfile(
-            computer_name=name, admin_username=admin_username,
-            custom_data=base64.b64encode(f"#!/bin/sh\n{init_command}\n".encode()).decode(),
-            linux_configuration=linux),
-        network_profile=m.NetworkProfile(network_interfaces=[
-            m.NetworkInterfaceReference(id=nic_id, primary=True, delete_option="Delete")]),
-    )
+        linux["ssh"] = {"publicKeys": [{"path": f"/home/{admin_username}/.ssh/authorized_keys",
+                                        "keyData": public_key}]}
+    props: dict[str, Any] = {
+        "hardwareProfile": {"vmSize": it.provider_type or it.name},
+        "storageProfile": {
+            "imageReference": {"id": image_id},
+            "osDisk": {"createOption": "FromImage", "deleteOption": "Delete",
+                       "managedDisk": {"storageAccountType": "Standard_LRS"}},
+        },
+        "osProfile": {
+            "computerName": name,
+            "adminUsername": admin_username,
+            "customData": base64.b64encode(f"#!/bin/sh\n{init_command}\n".encode()).decode(),
+            "linuxConfiguration": linux,
+        },
+        "networkProfile": {"networkInterfaces": [
+            {"id": nic_id, "properties": {"primary": True, "deleteOption": "Delete"}}]},
+    }
     if it.preemptible:
-        vm.priority = "Spot"
-        vm.eviction_policy = "Delete"
-        vm.billing_profile = m.BillingProfile(max_price=it.price)
-    return vm
+        props["priority"] = "Spot"
+        props["evictionPolicy"] = "Delete"
+        props["billingProfile"] = {"maxPrice": it.price}
+    return {"location": location, "tags": dict(tags), "properties": props}
+
+
+def _get(obj: Any, *path: str) -> Any:
+    """Read a field from an SDK model or a REST dict (``properties`` flattened or not)."""
+    for key in path:
+        if obj is None:
+            return None
+        if isinstance(obj, Mapping):
+            nxt = obj.get(key)
+            if nxt is None and isinstance(obj.get("properties"), Mapping):
+                nxt = obj["properties"].get(key)
+            obj = nxt
+        else:
+            snake = re.sub(r"(?<!^)(?=[A-Z])", "_", key).lower().replace("_i_p", "_ip")
+            obj = getattr(obj, snake, None)
+    return obj
 
 
 class AzureInstance(Instance):
@@ -128,15 +141,15 @@ class AzureInstance(Instance):
         self._set = iset
         self.vm = vm
         self._address = address
-        self._tags = dict(vm.tags or {})
+        self._tags = dict(_get(vm, "tags") or {})
 
     @property
     def id(self) -> str:
-        return str(self.vm.name)
+        return str(_get(self.vm, "name") or "")
 
     @property
     def provider_type(self) -> str:
-        return str(self.vm.hardware_profile.vm_size)
+        return str(_get(self.vm, "hardwareProfile", "vmSize") or "")
 
     @property
     def address(self) -> str:
@@ -151,11 +164,8 @@ class AzureInstance(Instance):
         return self._tags
 
     async def set_tags(self, tags: Mapping[str, str]) -> None:
-        from azure.mgmt.compute.models import VirtualMachineUpdate
-
         await self._set.call(self._set.compute.virtual_machines.begin_update,
-                             self._set.resource_group, self.id,
-                             VirtualMachineUpdate(tags=dict(tags)), poll=True)
+                             self._set.resource_group, self.id, {"tags": dict(tags)}, poll=True)
         self._tags = dict(tags)
 
     async def destroy(self) -> None:
@@ -242,34 +252,39 @@ class AzureInstanceSet(InstanceSet):
         nic = await self.call(self.network.network_interfaces.begin_create_or_update,
                               self.resource_group, name + "-nic",
                               nic_parameters(self.location, self.subnet_id, all_tags), poll=True)
+        nic_id = str(_get(nic, "id") or "")
         vm = await self.call(self.compute.virtual_machines.begin_create_or_update,
                              self.resource_group, name,
                              vm_parameters(name=name, location=self.location, it=it,
-                                           image_id=image_id, nic_id=nic.id,
+                                           image_id=image_id, nic_id=nic_id,
                                            admin_username=self.admin_username,
                                            public_key=public_key, init_command=init_command,
                                            tags=all_tags), poll=True)
-        ip = nic.ip_configurations[0].private_ip_address if nic.ip_configurations else ""
-        return AzureInstance(self, vm, ip or "")
+        return AzureInstance(self, vm, _private_ip(nic))
 
     async def instances(self, tags: Mapping[str, str]) -> list[Instance]:
         vms = await self.call(lambda: list(self.compute.virtual_machines.list(
             self.resource_group)))
         nics = await self.call(lambda: list(self.network.network_interfaces.list(
             self.resource_group)))
-        ip_of = {n.name: (n.ip_configurations[0].private_ip_address
-                          if n.ip_configurations else "") for n in nics}
+        ip_of = {str(_get(n, "name")): _private_ip(n) for n in nics}
         out: list[Instance] = []
         for vm in vms:
-            if not str(vm.name).startswith(self.prefix):
+            name = str(_get(vm, "name") or "")
+            if not name.startswith(self.prefix):
                 continue
-            vtags = vm.tags or {}
+            vtags = _get(vm, "tags") or {}
             if all(vtags.get(k) == v for k, v in tags.items()):
-                out.append(AzureInstance(self, vm, ip_of.get(f"{vm.name}-nic") or ""))
+                out.append(AzureInstance(self, vm, ip_of.get(f"{name}-nic") or ""))
         return out
 
     def instance_quota_group(self, it: InstanceType) -> str:
         return (it.provider_type or it.name) + ("-spot" if it.preemptible else "")
+
+
+def _private_ip(nic: Any) -> str:
+    configs = _get(nic, "ipConfigurations") or []
+    return str(_get(configs[0], "privateIPAddress") or "") if configs else ""
 
 
 def new_instance_set(cfg: ClusterConfig, instance_set_id: str, **_: Any) -> AzureInstanceSet:
