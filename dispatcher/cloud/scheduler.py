@@ -11,6 +11,9 @@ Differences from the reference, on purpose (each tested):
 
 * Among instances that fit, a ready (idle/running) one is preferred over a booting one before
   "more containers already allocated" is considered (reference 8.3).
+* With ``MaxInstances`` set, Queued containers are only locked as far as the instances still
+  allowed (packed) can hold them; the reference locks them all and unlocks the surplus on the
+  next pass, burning a dispatch attempt of each.
 * Reaching ``MaxInstances`` stops instance creation but does not clamp the concurrency limit to
   the number of instances; only a quota error from the cloud does, and then to
   max(instances, running containers) so packed instances keep their work (reference 8.3). For
@@ -53,6 +56,15 @@ STATUS_AT_QUOTA = ("Waiting in queue at position {n}.  Cluster is at cloud accou
                    "cannot start any new instances right now.")
 STATUS_AT_CAPACITY = ("Waiting in queue at position {n}.  Cluster is at capacity and cannot start "
                       "any new instances right now.")
+
+
+def _planned_view(it: InstanceType) -> InstanceView:
+    """A stand-in for an instance a later pass will create (packing Queued containers)."""
+    return InstanceView(instance="", address="", price=it.price, arvados_instance_type=it.name,
+                        provider_instance_type=it.provider_type or it.name,
+                        last_container_uuid="", last_busy=0.0, running_container_uuids=[],
+                        worker_state=State.BOOTING, idle_behavior=IdleBehavior.RUN,
+                        instance_type=it)
 
 
 class QueueLike(Protocol):
@@ -303,6 +315,9 @@ class Scheduler:
         no_fit: set[tuple[str, InstanceResources]] = set()
         at_quota = self.pool.at_quota()
         position = 0
+        # How many more instances MaxInstances allows (None: no limit).
+        max_instances = self.cfg.containers.cloud_vms.max_instances
+        headroom = max(0, max_instances - len(views)) if max_instances > 0 else None
 
         for idx, ent in enumerate(ordered):
             ctr = ent.container
@@ -337,6 +352,19 @@ class Scheduler:
                     break
                 if fit is None and available is None:
                     continue
+                if fit is None and headroom is not None:
+                    # It will need a new instance: only lock as many containers as the
+                    # instances MaxInstances still allows can hold, so that they are not
+                    # locked now and unlocked (a dispatch attempt burned) on the next pass.
+                    if headroom <= 0:
+                        continue
+                    assert available is not None
+                    headroom -= 1
+                    fit = _Slot(_planned_view(available), len(slots),
+                                InstanceResources.of_type(available), 0)
+                    slots.append(fit)
+                    by_type.setdefault(available.name, []).append(fit)
+                    no_fit = {k for k in no_fit if k[0] != available.name}
                 if self._bg(uuid, "locking", functools.partial(self._lock, uuid)):
                     res.locks += 1
                 if fit is not None:
@@ -367,6 +395,8 @@ class Scheduler:
             view = self.pool.create(available)
             if view is None:
                 continue
+            if headroom is not None:
+                headroom -= 1
             log.info("creating new instance (type %s)", available.name,
                      extra={"container_uuid": uuid})
             res.creates += 1

@@ -391,3 +391,19 @@ def test_fix_stale_locks_does_nothing_without_unknown_workers():
     q, pool, sch = _stale_setup(unknown=False)
     assert asyncio.run(sch.fix_stale_locks(_loaded, 5.0)) == 0
     assert q.changes == []
+
+
+def test_queued_locked_only_as_far_as_max_instances_allows():
+    """Improvement over the reference: no lock-then-unlock churn at MaxInstances."""
+    for menu, want in ((MENU[:1], 2), (MENU[1:2], 4)):  # type1: 1 per VM; type2: 2 per VM
+        q = StubQueue()
+        for i in range(1, 7):
+            q.add(make_ent(i, "Queued", menu=menu))
+        pool = StubPool(quota=2)
+        sch = new_sched(q, pool, menu, max_instances=2)
+        run_pass(sch)
+        assert len(q.changes) == want
+        assert {to for _, _, to in q.changes} == {"Locked"}
+        run_pass(sch, passes=3)
+        # Nothing locked was unlocked again.
+        assert [c for c in q.changes if c[2] == "Queued"] == []
