@@ -180,6 +180,13 @@ class CloudCluster:
         with urllib.request.urlopen(req, timeout=10) as resp:
             return json.loads(resp.read())
 
+    def try_management(self, path: str) -> Any:
+        """Like :meth:`management`, None while the dispatcher is not listening yet."""
+        try:
+            return self.management(path)
+        except OSError:
+            return None
+
     def instances_in_state_file(self) -> dict[str, Any]:
         try:
             return json.loads(self.state_file.read_text())
@@ -207,6 +214,13 @@ def test_ten_containers_run_to_complete_over_ssh(cloud_cluster):
     c = cloud_cluster
     c.start()
     uuids = c.submit(10)
+    # While it works: the instance is visible through the CLI (management API).
+    c.wait(lambda: (c.try_management("/arvados/v1/dispatch/instances") or {}).get("items"), 60,
+           "an instance in the management API")
+    out = subprocess.run([sys.executable, "-m", "dispatcher.cli", "dispatch-cloud", "instances",
+                          "--tsv", "--config", str(c.config)], capture_output=True, text=True,
+                         timeout=60, check=True).stdout
+    assert out.split("\t")[0] == "localhost" and "\tlocalhost\tlocalhost\t0.100000\t" in out
     final = c.wait(lambda: (lambda s: s if all(r["state"] in ("Complete", "Cancelled")
                                                for r in s.values()) and len(s) == 10 else None)(
         c.states(uuids)), 150, "10 containers to finish")
@@ -217,6 +231,13 @@ def test_ten_containers_run_to_complete_over_ssh(cloud_cluster):
     c.wait(lambda: not c.instances_in_state_file(), 30, "idle instance to be destroyed")
     c.wait(lambda: c.management("/arvados/v1/dispatch/instances")["items"] == [], 10,
            "the destroyed instance to leave the pool")
+    req = urllib.request.Request(f"http://127.0.0.1:{c.http_port}/metrics", headers={
+        "Authorization": f"Bearer {c.ctl.management_token}"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        metrics = resp.read().decode()
+    assert 'arvados_dispatchcloud_boot_outcomes_total{outcome="success"} 1.0' in metrics
+    assert "arvados_dispatchcloud_containers_time_from_queue_to_crunch_run_seconds_count 10.0" \
+        in metrics
     log = c.log.read_text()
     assert "crunch-run process started" in log
     assert c.ctl.root_token not in log

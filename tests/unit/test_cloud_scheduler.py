@@ -407,3 +407,45 @@ def test_queued_locked_only_as_far_as_max_instances_allows():
         run_pass(sch, passes=3)
         # Nothing locked was unlocked again.
         assert [c for c in q.changes if c[2] == "Queued"] == []
+
+
+def test_containers_metrics():
+    from datetime import UTC, datetime
+
+    clock = FakeClock()
+    created = datetime.fromtimestamp(clock.now() - 10, UTC).isoformat().replace("+00:00", "Z")
+
+    def setup(views, quota):
+        q = StubQueue()
+        q.add(make_ent(1, "Locked", menu=MENU, factor=1.0, created_at=created))
+        pool = StubPool(views=views, quota=quota)
+        sch = Scheduler(stub_config(MENU, max_instances=0), q, pool, clock=clock)
+        run_pass(sch)
+        sch.update_metrics()
+        reg = sch.metrics.registry
+        return [reg.get_sample_value("arvados_dispatchcloud_" + n) for n in (
+            "containers_allocated_not_started", "containers_not_allocated_over_quota",
+            "containers_longest_wait_time_seconds")], pool
+
+    got, _ = setup([view("b", itype(1), State.BOOTING)], None)
+    assert got == [1, 0, 10]
+    got, _ = setup([], 0)
+    assert got == [0, 1, 10]
+    got, pool = setup([view("i", itype(1))], None)
+    assert pool.starts == [U(1)] and got == [0, 0, 0]
+
+
+def test_start_while_creating():
+    """Reference TestStartWhileCreating: start what fits on idle instances while other
+    containers get new instances (and a booting one already allocated is not doubled)."""
+    q = StubQueue()
+    for i, (vcpus, state) in enumerate([(1, "Locked"), (1, "Locked"), (2, "Locked"),
+                                         (1, "Locked"), (2, "Locked"), (1, "Locked")], start=1):
+        q.add(make_ent(i, state, menu=MENU, vcpus=vcpus, ram=vcpus * GiB, factor=1.0))
+    pool = StubPool(views=[view("idle1", itype(1)), view("idle2", itype(2)),
+                           view("boot1", itype(1), State.BOOTING)])
+    run_pass(new_sched(q, pool))
+    # 6 (1 VCPU) -> idle1; 5 (2 VCPUs) -> idle2; 4 (1) -> the booting type1; the rest need new
+    # instances: 3 -> type2, 2 and 1 -> type1.
+    assert pool.starts == [U(6), U(5)]
+    assert sorted(pool.creates) == ["type1", "type1", "type2"]
