@@ -271,6 +271,7 @@ class TunnelConnection(asyncio.BufferedProtocol):
         self._recv = bytearray(RECV_BUFFER_BYTES)
         self._recv_view = memoryview(self._recv)
         self._write_paused = False
+        self._flush_scheduled = False
         self._streams: dict[int, TunnelStream] = {}
         self._backlogged: set[TunnelStream] = set()
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -413,9 +414,14 @@ class TunnelConnection(asyncio.BufferedProtocol):
         if t is None:
             return
         if self.proto.has_pending and not self._write_paused:
-            budget = TRANSPORT_HIGH_WATER - t.get_write_buffer_size()
-            if budget > 0:
-                self.proto.pump(budget)
+            # One byte past the high-water mark at most, so that a full transport pauses us
+            # (and resume_writing() brings us back).
+            budget = TRANSPORT_HIGH_WATER + 1 - t.get_write_buffer_size()
+            if budget > 0 and self.proto.pump(budget) and self.proto.has_pending:
+                # The transport took everything (it may write straight to the socket and never
+                # pause us): come back on the next loop pass. If the windows are what stops us,
+                # pump() sends nothing and the peer's WINDOW_UPDATE wakes us instead.
+                self._schedule_flush()
         data = self.proto.data_to_send()
         if data:
             self.bytes_out += len(data)
@@ -427,6 +433,15 @@ class TunnelConnection(asyncio.BufferedProtocol):
                 if not st.backlogged or st.error is not None:
                     self._backlogged.discard(st)
                     st._on_writable()
+
+    def _schedule_flush(self) -> None:
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._deferred_flush)
+
+    def _deferred_flush(self) -> None:
+        self._flush_scheduled = False
+        self.flush()
 
     # --- streams ---------------------------------------------------------------------------
 
