@@ -161,3 +161,31 @@ def test_failed_poll_changes_nothing():
         pass
     assert U(1) in q.entries()[0] and q.threshold == before
     assert q.last_503 > 0
+
+
+def test_local_change_during_a_poll_is_not_overwritten_by_it():
+    """A lock answered while a poll is in flight wins over the poll's older data."""
+    api = MemoryApi()
+    api.add(U(1))
+    q = queue(api)
+    update(q)
+
+    real_list = api.list
+    raced = []
+
+    async def list_then_lock(*args, **kwargs):
+        page = await real_list(*args, **kwargs)
+        if not raced and ["state", "=", "Queued"] in (kwargs.get("filters") or []):
+            raced.append(1)
+            # The poll has read "Queued"; now the scheduler locks it before the poll applies.
+            await q.lock(U(1))
+            page = {"items": [dict(i, state="Queued", locked_by_uuid=None)
+                              for i in page["items"]]}
+        return page
+
+    api.list = list_then_lock  # type: ignore[method-assign]
+    update(q)
+    assert q.entries()[0][U(1)].container["state"] == "Locked"
+    # The next poll (no race) reads the real state again.
+    update(q)
+    assert q.entries()[0][U(1)].container["state"] == "Locked"
