@@ -292,11 +292,13 @@ def test_ssh_executor_exec_semantics(cloud_sshd, tmp_path):
                 await ex.execute(f"echo o; exit {status}", timeout_s=20)
             assert ei.value.exit_status == status and ei.value.stdout == b"o\n"
         # The connection is reused, and a hung command times out instead of blocking.
+        conn = ex._conn
         with pytest.raises(ExecError) as ei:
-            await ex.execute("sleep 30", timeout_s=0.5)
+            await ex.execute("sleep 5", timeout_s=0.5)
         assert ei.value.timed_out
         out, _ = await ex.execute("echo still works", timeout_s=20)
         assert out == b"still works\n"
+        assert ex._conn is conn
         await ex.close()
         # Nothing listens on port 1: connect failure, not an exit status.
         bad = SSHExecutor(inst, key, default_port="1")

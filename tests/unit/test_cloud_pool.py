@@ -350,3 +350,19 @@ def test_list_failure_is_not_disappearance():
         assert len(pool.workers) == 1
 
     run(go())
+
+
+def test_max_cloud_ops_per_second_paces_driver_calls():
+    clock = FakeClock()
+    iset = StubInstanceSet(clock)
+
+    async def go():
+        pool = new_pool(iset, clock, max_cloud_ops_per_second=10)
+        start = clock.now()
+        for _ in range(5):
+            await pool.sync()
+        return clock.now() - start
+
+    # Five list calls at 10 per second: the last waits 0.4 s after the first.
+    assert abs(run(go()) - 0.4) < 1e-6
+    assert iset.list_calls == 5
