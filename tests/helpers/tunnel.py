@@ -282,3 +282,93 @@ def tunnel_env(tunnel_certs: TunnelCerts, tmp_path: Path) -> Iterator[TunnelEnv]
         yield env
     finally:
         env.close()
+
+
+# --- a broker in its own process (for kill -9 tests) --------------------------------------------
+
+
+class BrokerProcess:
+    """``python -m tests.helpers.tunnel serve``: a broker on a fake backend, in a subprocess."""
+
+    def __init__(self, certs: TunnelCerts, port: int, uuids: list[str], log_path: Path) -> None:
+        self.certs = certs
+        self.port = port
+        self.uuids = uuids
+        self.log_path = log_path
+        self.proc: Any = None
+
+    def start(self, timeout: float = 20.0) -> None:
+        import subprocess
+        import sys
+        import time
+
+        argv = [sys.executable, "-m", "tests.helpers.tunnel", "serve", "--port", str(self.port),
+                "--cert", self.certs.cert, "--key", self.certs.key, "--ca", self.certs.ca_file,
+                *self.uuids]
+        repo = Path(__file__).resolve().parents[2]
+        with open(self.log_path, "ab") as logf:
+            self.proc = subprocess.Popen(argv, cwd=repo, stdout=subprocess.PIPE, stderr=logf,
+                                         start_new_session=True)
+        deadline = time.monotonic() + timeout
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line.startswith(b"READY") or time.monotonic() > deadline:
+            self.kill()
+            raise RuntimeError(f"broker process did not start: {line!r}")
+
+    def kill(self) -> None:
+        """SIGKILL by PID (no chance to drain or say goodbye)."""
+        import signal
+
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+        if proc is not None and proc.stdout is not None:
+            proc.stdout.close()
+
+
+def _serve_main(argv: list[str]) -> None:
+    import argparse
+    import signal
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("cmd", choices=["serve"])
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--cert", required=True)
+    parser.add_argument("--key", required=True)
+    parser.add_argument("--ca", required=True)
+    parser.add_argument("uuids", nargs="*")
+    args = parser.parse_intermixed_args(argv)
+    certs = TunnelCerts(args.ca, args.cert, args.key)
+
+    async def main() -> None:
+        backend = FakeBackend()
+        for u in args.uuids:
+            backend.add_container(u)
+        url = f"https://127.0.0.1:{args.port}/"
+        cfg = BrokerConfig(system_root_token=TUNNEL_ROOT_TOKEN, internal_url=url,
+                           controller_internal_urls=[url], ca_file=args.ca)
+        broker = Broker(cfg, backend)
+        app = web.Application()
+        broker.setup(app)
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=2)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", args.port, ssl_context=certs.server_context(),
+                           reuse_address=True)
+        await site.start()
+        print("READY", flush=True)
+        stop = asyncio.Event()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+        await stop.wait()
+        await runner.cleanup()
+
+    import uvloop
+
+    uvloop.run(main())
+
+
+if __name__ == "__main__":
+    import sys
+
+    _serve_main(sys.argv[1:])
