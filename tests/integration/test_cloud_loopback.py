@@ -30,7 +30,7 @@ import yaml
 
 from dispatcher.arvados.client import ArvadosClient
 from dispatcher.cloud.drivers.loopback import LoopbackInstanceSet
-from dispatcher.cloud.errors import ExecError, HostKeyError
+from dispatcher.cloud.errors import ExecError, HostKeyError, QuotaError
 from dispatcher.cloud.sshexec import SSHExecutor, load_private_key
 from dispatcher.config import ClusterConfig, InstanceType
 from tests.helpers.cloud import SshdInfo, free_port, stop_pid
@@ -309,10 +309,16 @@ def test_ssh_executor_exec_semantics(cloud_sshd, tmp_path):
         assert ei.value.connect_failed
 
     asyncio.run(go())
-    # Listing and destroy round trip.
+    # Reference 7.16 loopback: one instance at most, listed as "localhost"; destroy frees it.
+    it = InstanceType(name="localhost", provider_type="localhost")
+    with pytest.raises(QuotaError, match="always at quota"):
+        asyncio.run(iset.create(it, "", {}, "", None))
     assert [i.id for i in asyncio.run(iset.instances({"a": "b"}))] == ["localhost"]
+    assert asyncio.run(iset.instances({"a": "other"})) == []
     asyncio.run(inst.destroy())
     assert asyncio.run(iset.instances({})) == []
+    asyncio.run(iset.create(it, "", {}, "", None))
+    assert len(asyncio.run(iset.instances({}))) == 1
 
 
 def test_ssh_executor_refuses_wrong_host_key_before_running_anything(cloud_sshd, tmp_path):
