@@ -16,7 +16,6 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from dispatcher.arvados.controller import states
 from dispatcher.arvados.controller.errors import ApiError
-from dispatcher.arvados.controller.models import CONTAINER, CONTAINER_REQUEST
 from dispatcher.arvados.controller.store import Policy, Store, _time_ms
 
 ROOT = "statemachine-root-token-0123456789"
@@ -148,4 +147,3 @@ StoreMachine.TestCase.settings = settings(max_examples=60, stateful_step_count=2
                                           deadline=None)
 test_store_state_machine = StoreMachine.TestCase
 
-_ = (CONTAINER, CONTAINER_REQUEST)

@@ -32,7 +32,7 @@ from dispatcher.logs import register_secret
 from . import discovery
 from .errors import ApiError, BadRequest, NotFound, Unauthorized, Unprocessable
 from .filters import ListQuery, parse_list_params, parse_select
-from .models import API_CLIENT_AUTHORIZATION, CONTAINER, CONTAINER_REQUEST, LOG, USER, Resource
+from .models import CONTAINER, CONTAINER_REQUEST, LOG, USER, Resource
 from .states import Caller
 from .store import ListResult, Store, select_fields
 
@@ -283,7 +283,6 @@ HANDLERS: dict[tuple[str, str], tuple[Handler, bool]] = {
     ("logs", "create"): (logs_create, True),
     ("configs", "get"): (config_get, False),
 }
-_ = API_CLIENT_AUTHORIZATION  # served only as api_client_authorizations/current
 
 
 def exported_config(cfg: Any) -> dict[str, Any]:
