@@ -30,7 +30,7 @@ import json
 import logging
 import secrets
 import statistics
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -719,7 +719,3 @@ def instance_type_json(it: InstanceType) -> dict[str, Any]:
         },
     }
 
-
-def provider_tags(prefix: str, set_id: str) -> Mapping[str, str]:
-    """The tag filter of this dispatcher's instances."""
-    return {prefix + "InstanceSetID": set_id}
