@@ -156,3 +156,51 @@ def slurm(slurm_cluster: SlurmCluster) -> Iterator[SlurmCluster]:
     """The cluster for one test; every job is cancelled afterwards."""
     yield slurm_cluster
     slurm_cluster.cancel_all()
+
+
+class SlurmDispatcherProcess:
+    """``crunchgate dispatch-slurm --config FILE`` as a subprocess, stopped by PID."""
+
+    def __init__(self, config_path: Path, log_path: Path, env: dict[str, str]) -> None:
+        self.config_path = config_path
+        self.log_path = log_path
+        self.env = env
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        import sys
+
+        exe = shutil.which("crunchgate")
+        argv = [exe] if exe else [sys.executable, "-m", "dispatcher.cli"]
+        with open(self.log_path, "ab") as logf:
+            self.proc = subprocess.Popen(
+                [*argv, "dispatch-slurm", "--config", str(self.config_path)],
+                stdout=subprocess.DEVNULL, stderr=logf, env=self.env, start_new_session=True,
+            )
+
+    def kill9(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL after 15 s -- our own process only."""
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
