@@ -143,6 +143,9 @@ async def read_params(request: web.Request) -> dict[str, Any]:
 
 
 def json_response(obj: Any, status: int = 200) -> web.Response:
+    """``obj`` as JSON; ``str``/``bytes`` are taken as already-encoded JSON."""
+    if isinstance(obj, bytes):
+        return web.Response(body=obj, status=status, content_type=JSON_TYPE, charset="utf-8")
     text = obj if isinstance(obj, str) else json.dumps(obj, separators=(",", ":"))
     return web.Response(text=text, status=status, content_type=JSON_TYPE)
 
@@ -163,8 +166,14 @@ def _out(call: Call, resource: Resource, doc: dict[str, Any]) -> dict[str, Any]:
 def _make_list(resource: Resource, default_order: str = DEFAULT_ORDER) -> Handler:
     async def handler(call: Call) -> Any:
         q = call.list_query(resource, default_order)
-        res: ListResult = await call.store.run(call.store.list_page, resource, call.caller, q)
-        return res.to_json()
+        store, caller = call.store, call.caller
+
+        def page_bytes() -> bytes:
+            # Built on the database thread: the event loop only sends the bytes.
+            res: ListResult = store.list_page(resource, caller, q)  # type: ignore[arg-type]
+            return res.to_json().encode()
+
+        return await store.run(page_bytes)
 
     return handler
 
