@@ -81,6 +81,8 @@ class QueueLike(Protocol):
 class PoolLike(Protocol):
     """What the scheduler needs from the worker pool (:class:`Pool`)."""
 
+    loaded: bool  # the first cloud listing has been applied
+
     def running(self) -> dict[str, float]: ...
     def instances(self) -> list[InstanceView]: ...
     def at_quota(self) -> bool: ...
@@ -266,6 +268,10 @@ class Scheduler:
     def run_queue(self) -> PassResult:
         """One scheduling pass (reference 5.5.3). Returns what it did."""
         res = PassResult()
+        if not self.pool.loaded:
+            # Until the cloud has been listed, "no instance" may just mean "not listed yet":
+            # creating instances or cancelling "orphans" now would be wrong.
+            return res
         entries, _threshold = self.queue.entries()
         running = self.pool.running()
         views = self.pool.instances()
@@ -521,7 +527,9 @@ class Scheduler:
     # --- sync --------------------------------------------------------------------------------
 
     def sync(self) -> None:
-        """Reconcile queue and pool (reference 5.5.4)."""
+        """Reconcile queue and pool (reference 5.5.4); nothing before the first listing."""
+        if not self.pool.loaded:
+            return
         running = self.pool.running()
         entries, q_updated = self.queue.entries()
         any_unknown = self.pool.count_workers().get(State.UNKNOWN, 0) > 0

@@ -149,6 +149,7 @@ class StubPool:
     kills: list[tuple[str, str]] = field(default_factory=list)
     shutdowns: list[str] = field(default_factory=list)
     forgotten: list[str] = field(default_factory=list)
+    loaded: bool = True
 
     def running(self) -> dict[str, float]:
         return dict(self.run)

@@ -449,3 +449,17 @@ def test_start_while_creating():
     # instances: 3 -> type2, 2 and 1 -> type1.
     assert pool.starts == [U(6), U(5)]
     assert sorted(pool.creates) == ["type1", "type1", "type2"]
+
+
+def test_nothing_happens_before_the_first_cloud_listing():
+    q = StubQueue()
+    q.add(make_ent(1, "Running", menu=MENU))
+    q.add(make_ent(2, "Locked", menu=MENU))
+    pool = StubPool(loaded=False)
+    sch = new_sched(q, pool)
+    run_pass(sch)
+    # Not "Running on no worker -> cancel", and no instance created for the Locked one.
+    assert q.changes == [] and pool.creates == []
+    pool.loaded = True
+    run_pass(sch)
+    assert (U(1), "Running", "Cancelled") in q.changes and pool.creates == ["type1"]
