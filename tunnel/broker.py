@@ -56,6 +56,7 @@ from tunnel.protocol import (
     check_auth_secret,
     parse_form,
 )
+from tunnel.webservices import WebServices
 
 log = logging.getLogger("crunchgate.tunnel.broker")
 
@@ -88,6 +89,7 @@ class Backend(Protocol):
     async def container_as_user(self, token: str, uuid: str) -> dict[str, Any]: ...
     async def current_user(self, token: str) -> dict[str, Any]: ...
     async def container(self, uuid: str) -> dict[str, Any]: ...
+    async def container_request(self, uuid: str) -> dict[str, Any]: ...
     async def requests_for(self, uuid: str) -> tuple[list[dict[str, Any]], int]: ...
     async def update_container(self, uuid: str, attrs: dict[str, Any]) -> None: ...
     async def close(self) -> None: ...
@@ -118,6 +120,9 @@ class ApiBackend:
 
     async def container(self, uuid: str) -> dict[str, Any]:
         return await self.root.get("containers", uuid)
+
+    async def container_request(self, uuid: str) -> dict[str, Any]:
+        return await self.root.get("container_requests", uuid)
 
     async def requests_for(self, uuid: str) -> tuple[list[dict[str, Any]], int]:
         resp = await self.root.list(
@@ -317,6 +322,7 @@ class Broker:
                          "shells_forwarded": 0, "shells_refused": 0}
         self._tasks: set[asyncio.Task[Any]] = set()
         self.forward_timeout_s = 30.0
+        self.webservices = WebServices(self)
 
     # --- mounting ----------------------------------------------------------------------------
 
@@ -328,6 +334,12 @@ class Broker:
             app.router.add_post(f"/arvados/v1/{kind}/{{uuid}}/ssh", self.handle_ssh)
             app.router.add_get(f"/arvados/v1/{kind}/{{uuid}}/ssh", self.handle_ssh_get)
         app.on_shutdown.append(self._on_shutdown)
+        # Always installed; it does nothing while ContainerWebServices.ExternalURL is empty.
+        app.middlewares.append(self._web_middleware)
+
+    @web.middleware
+    async def _web_middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        return await self.webservices.middleware(request, handler)
 
     async def _on_shutdown(self, app: web.Application) -> None:
         await self.shutdown()

@@ -122,6 +122,15 @@ class FakeBackend:
             raise NotFound(404, ["not found"], "GET", "containers")
         return dict(self.containers[uuid])
 
+    async def container_request(self, uuid: str) -> dict[str, Any]:
+        for ctr_uuid_, crs in self.requests.items():
+            for cr in crs:
+                if cr["uuid"] == uuid:
+                    return {**cr, "container_uuid": ctr_uuid_,
+                            "published_ports": self.containers[ctr_uuid_].get("published_ports",
+                                                                               {})}
+        raise NotFound(404, ["not found"], "GET", "container_requests")
+
     async def requests_for(self, uuid: str) -> tuple[list[dict[str, Any]], int]:
         items = list(self.requests.get(uuid, []))
         return items, len(items)
