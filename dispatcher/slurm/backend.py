@@ -265,10 +265,13 @@ class SlurmBackend(Backend):
     # --- priorities ---------------------------------------------------------------------------
 
     async def set_priorities(self, wanted: Mapping[str, int], jobs: Mapping[str, Job]) -> None:
+        # Held jobs (and any job Slurm gives priority 0) are left out: their priority does not
+        # move with nice, so renicing them is useless -- and, since "priority + nice" is then
+        # not invariant, the spread would change them again on every poll.
         current = {
             n: (j.priority, j.nice)
             for n, j in jobs.items()
-            if j.priority is not None and j.nice is not None
+            if j.priority is not None and j.priority > 0 and j.nice is not None
         }
         plan = plan_renice(wanted, current, self.cfg.containers.slurm.priority_spread)
         if not plan:

@@ -3,7 +3,9 @@
 Every call goes through :class:`dispatcher.proc.CommandRunner` (argv list, timeout, bounded
 concurrency). Two runners, so that a burst of submissions cannot starve the poll:
 
-* *submissions* (sbatch, scancel, scontrol update): at most ``submit_concurrency`` processes;
+* *submissions* (sbatch, scancel): at most ``submit_concurrency`` processes;
+* *renice* (scontrol update): at most 2 -- reordering is housekeeping and must not take the
+  slots a burst of submissions needs;
 * *queries* (squeue, sinfo, sacct): at most 2.
 
 Failures become :class:`SlurmCommandError` with a ``kind``:
@@ -149,6 +151,9 @@ class SlurmCLI:
             max_concurrency=max(1, submit_concurrency), default_timeout_s=timeout_s,
             env=env, redact=redact,
         )
+        self.renice_runner = CommandRunner(
+            max_concurrency=2, default_timeout_s=timeout_s, env=env, redact=redact,
+        )
         self.query_runner = CommandRunner(
             max_concurrency=max(1, query_concurrency), default_timeout_s=timeout_s,
             env=env, redact=redact,
@@ -259,7 +264,7 @@ class SlurmCLI:
 
     async def set_nice(self, name: str, nice: int) -> None:
         await self._run(
-            self.submit_runner, ["scontrol", "update", f"JobName={name}", f"Nice={nice}"]
+            self.renice_runner, ["scontrol", "update", f"JobName={name}", f"Nice={nice}"]
         )
         self._ok()
 
