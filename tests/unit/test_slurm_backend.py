@@ -1,0 +1,198 @@
+"""SlurmBackend and the CLI layer with stand-in Slurm commands (shell scripts on PATH): error
+classification, back-off, the end-of-job report, sbatch retries. The real thing is exercised in
+tests/integration/test_slurm_*.py."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dispatcher.config import ClusterConfig, load_config
+from dispatcher.core.backend import QueryFailed, SubmitFailed
+from dispatcher.slurm.backend import SlurmBackend
+from dispatcher.slurm.commands import Backoff, SlurmCLI
+from tests.helpers.paths import REPO_ROOT
+
+U1 = "zzzzz-dz642-aaaaaaaaaaaaaaa"
+U2 = "zzzzz-dz642-bbbbbbbbbbbbbbb"
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(asyncio.wait_for(coro, 30))
+
+
+class FakeSlurm:
+    """Writes squeue/sbatch/scancel/scontrol scripts into a directory put first on PATH."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.bin = tmp / "bin"
+        self.bin.mkdir()
+        self.calls = tmp / "calls"
+        self.calls.touch()
+        self.env = {**os.environ, "PATH": f"{self.bin}:{os.environ['PATH']}"}
+        for cmd in ("squeue", "sbatch", "scancel", "scontrol"):
+            self.set(cmd, "exit 0")
+
+    def set(self, cmd: str, body: str) -> None:
+        p = self.bin / cmd
+        p.write_text(f'#!/bin/sh\necho "{cmd} $*" >> {self.calls}\n{body}\n')
+        p.chmod(0o755)
+
+    def count(self, cmd: str) -> int:
+        return sum(1 for ln in self.calls.read_text().splitlines() if ln.split()[0] == cmd)
+
+
+def cfg() -> ClusterConfig:
+    c = ClusterConfig(cluster_id="zzzzz", system_root_token="unit-test-root-token-0123456789")
+    c.services.controller.external_url = "https://127.0.0.1:1"
+    return c
+
+
+def backend(fake: FakeSlurm, **kw: Any) -> SlurmBackend:
+    cli = SlurmCLI(timeout_s=kw.pop("timeout_s", 5), env=fake.env,
+                   backoff=Backoff(base_s=0.05, max_s=0.2))
+    return SlurmBackend(cfg(), cli=cli, **kw)
+
+
+def ctr(uuid: str = U1) -> dict[str, Any]:
+    return {"uuid": uuid, "runtime_constraints": {"ram": 1 << 20, "vcpus": 1},
+            "scheduling_parameters": {}, "mounts": {}}
+
+
+def test_backoff_doubles_with_jitter_and_resets() -> None:
+    now = [100.0]
+    b = Backoff(base_s=1, max_s=8, clock=lambda: now[0], rand=lambda: 1.0)
+    assert b.remaining_s() == 0
+    assert [b.failure() for _ in range(5)] == [1, 2, 4, 8, 8]
+    assert b.remaining_s() == 8
+    b.success()
+    assert b.remaining_s() == 0
+    low = Backoff(base_s=1, max_s=8, clock=lambda: now[0], rand=lambda: 0.0)
+    assert [low.failure() for _ in range(3)] == [0.5, 1, 2]  # never less than half
+
+
+def test_squeue_controller_error_backs_off_without_more_rpcs(tmp_path: Path) -> None:
+    fake = FakeSlurm(tmp_path)
+    fake.set("squeue", "echo 'slurm_load_jobs error: Socket timed out on send/recv operation' "
+                       ">&2; exit 1")
+    be = backend(fake)
+    with pytest.raises(QueryFailed, match="Socket timed out"):
+        run(be.list_jobs())
+    with pytest.raises(QueryFailed, match="backing off"):
+        run(be.list_jobs())
+    assert fake.count("squeue") == 1
+    assert be.cli.metrics.errors.labels("squeue", "controller")._value.get() == 1
+    assert be.cli.metrics.errors.labels("squeue", "backoff")._value.get() == 1
+
+
+def test_hung_squeue_is_a_timeout_not_an_empty_queue(tmp_path: Path) -> None:
+    fake = FakeSlurm(tmp_path)
+    fake.set("squeue", "exec sleep 30")
+    be = backend(fake, timeout_s=0.5)
+    with pytest.raises(QueryFailed, match="no answer within"):
+        run(be.list_jobs())
+
+
+def test_end_states_reported_once(tmp_path: Path) -> None:
+    fake = FakeSlurm(tmp_path)
+    out = tmp_path / "squeue.out"
+    fake.set("squeue", f"cat {out}")
+    reports: list[tuple[str, str]] = []
+
+    async def hook(name: str, text: str, row: Any) -> None:
+        reports.append((name, text))
+
+    be = backend(fake, on_job_ended=hook)
+    out.write_text(f"7 0 100 RUNNING compute {U1} None\n8 0 100 RUNNING compute {U2} None\n"
+                   "9 0 100 TIMEOUT compute not-a-container TimeLimit\n")
+    assert set(run(be.list_jobs())) == {U1, U2}
+    out.write_text(f"7 0 100 TIMEOUT compute {U1} TimeLimit\n8 0 100 COMPLETED compute {U2} None\n"
+                   "6 0 100 NODE_FAIL big zzzzz-dz642-ccccccccccccccc None\n")
+    assert run(be.list_jobs()) == {}
+    assert sorted(reports) == [
+        (U1, "Slurm job 7 ended: it reached its time limit (TIMEOUT, reason TimeLimit)"),
+        ("zzzzz-dz642-ccccccccccccccc", "Slurm job 6 ended: its node failed (NODE_FAIL)"),
+    ]
+    run(be.list_jobs())
+    assert len(reports) == 2  # once per job
+
+
+def test_failing_hook_does_not_break_the_poll(tmp_path: Path) -> None:
+    fake = FakeSlurm(tmp_path)
+    fake.set("squeue", f"echo '5 0 1 OUT_OF_MEMORY compute {U1} OutOfMemory'")
+
+    async def hook(name: str, text: str, row: Any) -> None:
+        raise RuntimeError("controller down")
+
+    assert run(backend(fake, on_job_ended=hook).list_jobs()) == {}
+
+
+def test_sbatch_transient_errors_retry_then_give_up_transiently(tmp_path: Path) -> None:
+    fake = FakeSlurm(tmp_path)
+    fake.set("sbatch", "echo 'sbatch: error: Slurm temporarily unable to accept job, sleeping "
+                       "and retrying' >&2; exit 1")
+    fake.set("squeue", "exit 0")  # the lookups after each failure find nothing
+    be = backend(fake)
+    with pytest.raises(SubmitFailed) as ei:
+        run(be.submit(ctr()))
+    assert not ei.value.permanent
+    assert fake.count("sbatch") == 3
+    # before every retry, the name was looked up: an sbatch that failed may have created it
+    assert fake.count("squeue") >= 2
+
+
+def test_sbatch_rejection_is_permanent_and_not_retried(tmp_path: Path) -> None:
+    fake = FakeSlurm(tmp_path)
+    fake.set("sbatch", "echo 'sbatch: error: Batch job submission failed: Invalid partition name "
+                       "specified' >&2; exit 1")
+    be = backend(fake)
+    with pytest.raises(SubmitFailed) as ei:
+        run(be.submit(ctr()))
+    assert ei.value.permanent and "Invalid partition name specified" in ei.value.message
+    assert fake.count("sbatch") == 1
+
+
+def test_sbatch_reply_lost_but_job_created_is_not_resubmitted(tmp_path: Path) -> None:
+    fake = FakeSlurm(tmp_path)
+    fake.set("sbatch", "echo 'sbatch: error: Batch job submission failed: Socket timed out on "
+                       "send/recv operation' >&2; exit 1")
+    fake.set("squeue", f"echo '12 10000 1 PENDING compute {U1} Priority'")
+    be = backend(fake)
+    run(be.submit(ctr()))  # succeeds: the job exists
+    assert fake.count("sbatch") == 1
+
+
+def test_token_in_sbatch_environment_not_argv_or_stdin(tmp_path: Path) -> None:
+    fake = FakeSlurm(tmp_path)
+    dump = tmp_path / "dump"
+    fake.set("sbatch", f'env > {dump}.env; cat > {dump}.stdin; echo "$*" > {dump}.argv; '
+                       "echo 'Submitted batch job 3'")
+    be = backend(fake)
+    run(be.submit(ctr()))
+    token = cfg().system_root_token
+    assert f"ARVADOS_API_TOKEN={token}" in Path(f"{dump}.env").read_text()
+    assert token not in Path(f"{dump}.stdin").read_text()
+    assert token not in Path(f"{dump}.argv").read_text()
+    assert Path(f"{dump}.stdin").read_text().startswith("#!/bin/sh\nGatewayAuthSecret='")
+
+
+def test_cancel_order_and_stop_at_first_failure(tmp_path: Path) -> None:
+    fake = FakeSlurm(tmp_path)
+    be = backend(fake)
+    run(be.cancel(U1, None))
+    lines = fake.calls.read_text().splitlines()
+    assert lines == [
+        f"scancel --name={U1} --state=pending",
+        f"scancel --name={U1} --batch --signal=TERM --state=running",
+        f"scancel --name={U1} --batch --signal=TERM --state=suspended",
+    ]
+
+
+def test_example_config_loads() -> None:
+    c = load_config(REPO_ROOT / "contrib" / "slurm" / "config.example.yml")
+    assert c.containers.slurm.sbatch_arguments_list[0] == "--job-name=%U"
+    assert c.services.dispatch_slurm.internal_urls
