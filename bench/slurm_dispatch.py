@@ -127,7 +127,8 @@ def cpu_rss(pid: int) -> tuple[float, float]:
 
 
 class Site:
-    def __init__(self, work: Path, poll: str, hold: bool, partition: str | None) -> None:
+    def __init__(self, work: Path, poll: str, hold: bool, partition: str | None,
+                 submit_concurrency: int = 4) -> None:
         self.port = free_port()
         extra_args = ["--hold"] if hold else []
         extra_args += [f"--partition={partition}"] if partition else []
@@ -141,7 +142,7 @@ class Site:
                     "--partition=%P", *extra_args, "--output=/dev/null",
                 ]},
             },
-            "Crunchgate": {"SubmitConcurrency": 4, "CommandTimeout": "30s"},
+            "Crunchgate": {"SubmitConcurrency": submit_concurrency, "CommandTimeout": "30s"},
             "SystemLogs": {"LogLevel": "warning"},
             "API": {"MaxItemsPerResponse": 1000},
         }
@@ -154,8 +155,8 @@ class Site:
         self.ctl.stop()
 
 
-def burst(work: Path, n: int, poll: str) -> tuple[float, float]:
-    site = Site(work / "burst", poll, hold=True, partition=None)
+def burst(work: Path, n: int, poll: str, conc: int) -> tuple[float, float]:
+    site = Site(work / "burst", poll, hold=True, partition=None, submit_concurrency=conc)
     try:
         uuids = asyncio.run(create_requests(site.ctl, n, "burst", []))
         cfg = load_config(site.ctl.config_path)
@@ -171,7 +172,7 @@ def burst(work: Path, n: int, poll: str) -> tuple[float, float]:
             (scripts / f"{u}.sh").write_text(f"{body[0]}\n{header}{body[1]}")
         files = "\n".join(str(p) for p in sorted(scripts.glob("*.sh"))) + "\n"
         t0 = time.monotonic()
-        subprocess.run(["xargs", "-P4", "-n1", "sbatch", "--hold", "--quiet"], input=files,
+        subprocess.run(["xargs", f"-P{conc}", "-n1", "sbatch", "--hold", "--quiet"], input=files,
                        env=ENV, text=True, check=True, capture_output=True)
         wait_all_in_squeue({f"{u}" for u in uuids}, 600)
         plain = time.monotonic() - t0
@@ -232,6 +233,8 @@ def main() -> int:
     ap.add_argument("--steady", type=int, default=10000)
     ap.add_argument("--steady-seconds", type=float, default=60)
     ap.add_argument("--poll", default="2s", help="Containers.CloudVMs.PollInterval")
+    ap.add_argument("--submit-concurrency", type=int, default=4,
+                    help="Crunchgate.SubmitConcurrency, and xargs -P of the anchor")
     args = ap.parse_args()
     if os.geteuid() != 0 or shutil.which("slurmctld") is None:
         print("needs root and slurm-wlm (contrib/slurm/dev-cluster.sh)", file=sys.stderr)
@@ -243,8 +246,9 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="crunchgate-bench-slurm-"))
     try:
         cancel_all()
-        plain, ours = burst(work, args.containers, args.poll)
-        print(f"[1] burst of {args.containers} held jobs: plain xargs -P4 sbatch {plain:.2f}s, "
+        plain, ours = burst(work, args.containers, args.poll, args.submit_concurrency)
+        print(f"[1] burst of {args.containers} held jobs: plain xargs "
+              f"-P{args.submit_concurrency} sbatch {plain:.2f}s, "
               f"crunchgate dispatch-slurm {ours:.2f}s (from start, incl. startup), "
               f"ratio {ours / plain:.2f} (goal <= 1.3)", flush=True)
         if args.steady > 0:
