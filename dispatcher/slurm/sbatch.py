@@ -140,12 +140,12 @@ def sbatch_args(cfg: ClusterConfig, ctr: Mapping[str, Any]) -> list[str]:
 def _controller_host(cfg: ClusterConfig) -> str:
     url = cfg.services.controller.external_url
     if not url:
-        try:
-            from dispatcher.config import controller_url  # type: ignore[attr-defined]
+        from dispatcher.config import ConfigError, controller_url
 
+        try:
             url = controller_url(cfg)
-        except (ImportError, Exception):
-            url = next(iter(cfg.services.controller.internal_urls), "")
+        except ConfigError:
+            url = ""
     if not url:
         return ""
     parts = urlsplit(url)
