@@ -246,11 +246,12 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="crunchgate-bench-slurm-"))
     try:
         cancel_all()
-        plain, ours = burst(work, args.containers, args.poll, args.submit_concurrency)
-        print(f"[1] burst of {args.containers} held jobs: plain xargs "
-              f"-P{args.submit_concurrency} sbatch {plain:.2f}s, "
-              f"crunchgate dispatch-slurm {ours:.2f}s (from start, incl. startup), "
-              f"ratio {ours / plain:.2f} (goal <= 1.3)", flush=True)
+        if args.containers > 0:
+            plain, ours = burst(work, args.containers, args.poll, args.submit_concurrency)
+            print(f"[1] burst of {args.containers} held jobs: plain xargs "
+                  f"-P{args.submit_concurrency} sbatch {plain:.2f}s, "
+                  f"crunchgate dispatch-slurm {ours:.2f}s (from start, incl. startup), "
+                  f"ratio {ours / plain:.2f} (goal <= 1.3)", flush=True)
         if args.steady > 0:
             r = steady(work, args.steady, args.steady_seconds, args.poll)
             pm = r["per_min"]

@@ -289,6 +289,13 @@ class SlurmBackend(Backend):
                     log.warning("scontrol update JobName=%s Nice=%d: %s", name, nice, exc,
                                 extra={"container_uuid": name})
 
-        await asyncio.gather(*(one(n, v) for n, v in items))
+        # Bounded: the loop starts no new renice pass while one runs, so a pass that never
+        # ended would freeze the order for good.
+        deadline = max(60.0, 4 * self.cli.timeout_s)
+        try:
+            await asyncio.wait_for(asyncio.gather(*(one(n, v) for n, v in items)), deadline)
+        except TimeoutError:
+            log.warning("renice pass of %d jobs did not finish within %.0fs; the rest is left "
+                        "to the next poll", len(items), deadline)
         if errors:
             log.warning("%d of %d renice commands failed; retried next poll", errors, len(items))
