@@ -10,8 +10,8 @@ exports it to the job); the token is never written into the job script.
 
 How a job ended badly (NODE_FAIL, TIMEOUT, OUT_OF_MEMORY, PREEMPTED ... as ``squeue -t all``
 still shows it for ``MinJobAge``) is recorded on the container: a ``dispatch`` log record, and
-``runtime_status.error`` when the container was still Running under our lock -- before the loop
-cancels it for having lost its job.
+``runtime_status.errorDetail`` when the container was still Running under our lock -- before
+the loop cancels it for having lost its job (with its own one-line ``runtime_status.error``).
 """
 
 from __future__ import annotations
@@ -57,8 +57,11 @@ class JobEndRecorder:
             return  # finished normally, or not ours: nothing to explain
         log.warning("%s", text, extra={"container_uuid": uuid, "job_id": row.job_id})
         if state == "Running":
+            # errorDetail survives the loop's own one-line "error" when it then cancels the
+            # container for having lost its job.
             status = dict(ctr.get("runtime_status") or {})
             status["error"] = text
+            status["errorDetail"] = text
             await self.client.update("containers", uuid, {"runtime_status": status})
         await self.client.create_log(uuid, "dispatch", text=text)
 

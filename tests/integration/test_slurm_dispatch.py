@@ -256,6 +256,7 @@ def test_job_ended_badly_is_recorded_on_the_container(slurm: SlurmCluster,
         await s.until(lambda: api.containers[uuid]["state"] == "Cancelled")
 
     core_run(go(), 90)
-    err = api.containers[uuid]["runtime_status"]["error"]
+    err = api.containers[uuid]["runtime_status"]["errorDetail"]
     assert "ended: it was cancelled (CANCELLED" in err
+    assert api.containers[uuid]["runtime_status"]["error"]
     assert any(err in (e["properties"].get("text") or "") for e in api.logs)
