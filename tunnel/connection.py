@@ -303,15 +303,15 @@ class TunnelConnection(asyncio.BufferedProtocol):
         return self._recv_view
 
     def buffer_updated(self, nbytes: int) -> None:
-        self._feed(self._recv[:nbytes])
+        self._feed(self._recv_view[:nbytes])
 
     def data_received(self, data: bytes) -> None:  # if a transport ignores BufferedProtocol
         self._feed(data)
 
-    def _feed(self, data: bytes | bytearray) -> None:
+    def _feed(self, data: bytes | memoryview) -> None:
         self.bytes_in += len(data)
         try:
-            events = self.proto.receive_data(bytes(data))
+            events = self.proto.receive_data(bytes(data))  # the one copy out of the buffer
         except TunnelProtocolError as exc:
             self._fail(str(exc))
             return
@@ -525,6 +525,10 @@ class LocalPipe(asyncio.Protocol):
                  = None, *, defer: bool = False) -> None:
         self.stream = stream
         self._defer = defer
+        # uvloop starts reading right after connection_made() even if it paused reading, so a
+        # deferred pipe keeps what arrives early and replays it on activate().
+        self._early: list[bytes] = []
+        self._early_eof = False
         self.transport: asyncio.Transport | None = None
         self._paused = False  # the local transport paused our writes into it
         self._reading_paused = False
@@ -545,6 +549,11 @@ class LocalPipe(asyncio.Protocol):
         if self._defer and self.transport is not None:
             self._defer = False
             self.stream.attach(self)
+            early, self._early = self._early, []
+            for chunk in early:
+                self.data_received(chunk)
+            if self._early_eof:
+                self.eof_received()
             self.transport.resume_reading()
 
     def take_over(self, transport: asyncio.Transport, initial: bytes = b"") -> None:
@@ -591,6 +600,9 @@ class LocalPipe(asyncio.Protocol):
 
     # local -> tunnel
     def data_received(self, data: bytes) -> None:
+        if self._defer:
+            self._early.append(data)
+            return
         st = self.stream
         st.write(data)
         if st.backlogged and self.transport is not None and not self._reading_paused:
@@ -604,6 +616,9 @@ class LocalPipe(asyncio.Protocol):
                 self.transport.resume_reading()
 
     def eof_received(self) -> bool:
+        if self._defer:
+            self._early_eof = True
+            return True
         self.stream.write_eof()
         self._maybe_close()
         return True

@@ -343,7 +343,7 @@ class _DrainAwareH2(h2.connection.H2Connection):
 
 @dataclass
 class _Stream:
-    pending: deque[bytes] = field(default_factory=deque)
+    pending: deque[memoryview] = field(default_factory=deque)
     pending_bytes: int = 0
     end_after_pending: bool = False
     local_ended: bool = False
@@ -579,7 +579,7 @@ class TunnelProtocol:
             return
         if not st.pending:
             self._ready.append(stream_id)
-        st.pending.append(bytes(data))
+        st.pending.append(memoryview(data))
         st.pending_bytes += len(data)
 
     def end_stream(self, stream_id: int) -> None:
@@ -679,10 +679,11 @@ class TunnelProtocol:
 
     @staticmethod
     def _take(st: _Stream, n: int) -> bytes:
+        # Queued writes are memoryviews: cutting a frame off a large write must not copy the
+        # rest of it (that made large writes quadratic).
         first = st.pending[0]
         if len(first) <= n:
             st.pending.popleft()
-            # Coalesce small queued writes into one frame.
             parts = [first]
             total = len(first)
             while st.pending and total + len(st.pending[0]) <= n:
@@ -690,10 +691,10 @@ class TunnelProtocol:
                 parts.append(nxt)
                 total += len(nxt)
             st.pending_bytes -= total
-            return first if len(parts) == 1 else b"".join(parts)
+            return bytes(first) if len(parts) == 1 else b"".join(parts)
         st.pending[0] = first[n:]
         st.pending_bytes -= n
-        return first[:n]
+        return bytes(first[:n])
 
     @property
     def has_pending(self) -> bool:

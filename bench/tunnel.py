@@ -1,0 +1,545 @@
+"""Benchmark: crunchgate's HTTP/2 tunnel against OpenSSH reverse forwarding, same machine, one run.
+
+Both sides get the same shape (loopback only):
+
+    client (this process) -> entry port -> [ssh: sshd | ours: broker] == one tunnel ==>
+        [ssh: ssh -N -R | ours: agent] -> target services (sink / echo), another process
+
+* ssh: a throwaway ``sshd`` on a loopback port (temp host key and authorized_keys,
+  ``aes128-gcm@openssh.com``) and ``ssh -N -R`` forwarding three ports over one connection.
+* ours: ``Broker`` (TLS, uvloop) with an entry listener per target that opens one tunnel stream
+  per accepted connection, and the real ``Agent`` (uvloop) dialling it.
+
+Measured: (1) bulk throughput, 1 stream and 8 streams; (2) 100-byte request/response round trip,
+median and p99; (3) the same while a bulk transfer runs on another stream of the same tunnel;
+(4) new streams per second (open, 1-byte echo, close); (5) 1,000 idle tunnels on one broker:
+RSS per tunnel (sshd: PSS per connection of its session processes, measured at 50).
+
+Usage: ``python bench/tunnel.py [--quick]``. Sizes and durations are bounded; it takes about a
+minute. Bulk figures move by +-25% between runs on a busy 2-core machine: compare ratios
+within one run only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+ROOT_TOKEN = "benchroottoken0123456789abcdefghijklmnopqrstuvwxyz"
+UUID = "zzzzz-dz642-000000000000001"
+MiB = 1 << 20
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def pss_kib(pid: int) -> int:
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1])
+    return 0
+
+
+def wait_port(port: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"nothing listens on {port}") from None
+            time.sleep(0.05)
+
+
+class Procs:
+    """Child processes, stopped by PID at the end."""
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self, argv: list[str], **kw: Any) -> subprocess.Popen[bytes]:
+        kw.setdefault("stdout", subprocess.DEVNULL)
+        kw.setdefault("stderr", subprocess.DEVNULL)
+        p = subprocess.Popen(argv, start_new_session=True, **kw)
+        self.procs.append(p)
+        return p
+
+    def stop_all(self) -> None:
+        for p in reversed(self.procs):
+            if p.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGTERM)
+        for p in reversed(self.procs):
+            try:
+                p.wait(5)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGKILL)
+                p.wait(5)
+        self.procs.clear()
+
+
+def me(*args: str) -> list[str]:
+    return [sys.executable, str(Path(__file__).resolve()), *args]
+
+
+# --- child process roles -------------------------------------------------------------------------
+
+
+async def role_targets(sink_port: int, echo_port: int) -> None:
+    """sink: read to EOF, answer the byte count; echo: echo everything back."""
+
+    async def sink(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        n = 0
+        while chunk := await reader.read(1 << 20):
+            n += len(chunk)
+        writer.write(str(n).encode())
+        await writer.drain()
+        writer.close()
+
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        while chunk := await reader.read(65536):
+            writer.write(chunk)
+            await writer.drain()
+        writer.close()
+
+    s1 = await asyncio.start_server(sink, "127.0.0.1", sink_port)
+    s2 = await asyncio.start_server(echo, "127.0.0.1", echo_port)
+    async with s1, s2:
+        await asyncio.Event().wait()
+
+
+async def role_broker(port: int, certdir: str, entries: list[tuple[int, int]]) -> None:
+    """The real Broker on TLS, plus entry listeners that open one tunnel stream per connection."""
+    import ssl
+
+    from aiohttp import web
+
+    from tunnel.broker import Broker, BrokerConfig
+    from tunnel.connection import LocalPipe
+
+    class Backend:
+        async def update_container(self, uuid: str, attrs: dict[str, Any]) -> None:
+            pass
+
+        async def close(self) -> None:
+            pass
+
+    cfg = BrokerConfig(system_root_token=ROOT_TOKEN, internal_url=f"https://127.0.0.1:{port}/",
+                       max_gateway_tunnels=5000)
+    broker = Broker(cfg, Backend())  # type: ignore[arg-type]
+    app = web.Application()
+    broker.setup(app)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(f"{certdir}/tls/server.crt", f"{certdir}/tls/server.key")
+    await web.TCPSite(runner, "127.0.0.1", port, ssl_context=ctx, backlog=2048).start()
+
+    class Entry(asyncio.Protocol):
+        def __init__(self, target: int) -> None:
+            self.target = target
+            self.early: list[bytes] = []
+            self.eof = False
+
+        def connection_made(self, transport: Any) -> None:
+            transport.pause_reading()
+            asyncio.get_running_loop().create_task(self._open(transport))
+
+        def data_received(self, data: bytes) -> None:
+            # uvloop may read before the pause takes effect: keep it.
+            self.early.append(data)
+
+        def eof_received(self) -> bool:
+            self.eof = True
+            return True
+
+        async def _open(self, transport: Any) -> None:
+            conn = broker.tunnels.get(UUID)
+            if conn is None:
+                transport.abort()
+                return
+            try:
+                st = await conn.open_stream(f"container:{self.target}")
+            except Exception:  # noqa: BLE001 - a refused stream is just a closed connection
+                transport.abort()
+                return
+            pipe = LocalPipe(st)
+            pipe.take_over(transport, b"".join(self.early))
+            if self.eof:
+                pipe.eof_received()
+            transport.resume_reading()
+            if os.environ.get("BENCH_DEBUG"):
+                await st.done
+                print("entry stream", st.stream_id, "out", st.bytes_out, "in", st.bytes_in,
+                      "err", st.error, file=sys.stderr)
+
+    loop = asyncio.get_running_loop()
+    for entry_port, target in entries:
+        await loop.create_server(lambda t=target: Entry(t), "127.0.0.1", entry_port,
+                                 backlog=1024)
+    await asyncio.Event().wait()
+
+
+async def role_agent(port: int, certdir: str, count: int) -> None:
+    """``count`` agents (tunnels) to the broker; the first one serves container ports."""
+    from tunnel.agent import Agent, serve_gateway_stream
+    from tunnel.connection import TunnelConnection, TunnelStream
+    from tunnel.protocol import gateway_auth_secret
+
+    def handler(conn: TunnelConnection, st: TunnelStream) -> None:
+        asyncio.get_running_loop().create_task(
+            serve_gateway_stream(None, "127.0.0.1", conn, st))  # type: ignore[arg-type]
+
+    agents = []
+    for i in range(count):
+        uuid = UUID if i == 0 else f"zzzzz-dz642-{i:015d}"
+        a = Agent(f"https://127.0.0.1:{port}", uuid, gateway_auth_secret(ROOT_TOKEN, uuid),
+                  stream_handler=handler, ca_file=f"{certdir}/tls/ca.crt")
+        a.start()
+        agents.append(a)
+        if i % 50 == 49:
+            await asyncio.sleep(0.05)  # do not flood the accept queue
+    deadline = asyncio.get_running_loop().time() + 90
+    while (sum(1 for a in agents if a.registered.is_set()) < count  # noqa: ASYNC110
+           and asyncio.get_running_loop().time() < deadline):
+        await asyncio.sleep(0.1)
+    print("READY", sum(1 for a in agents if a.registered.is_set()), flush=True)
+    await asyncio.Event().wait()
+
+
+# --- measurements (client side) ------------------------------------------------------------------
+
+
+async def bulk(port: int, streams: int, per_stream: int) -> float:
+    """Gbit/s of ``streams`` concurrent uploads of ``per_stream`` bytes into the sink."""
+    block = os.urandom(256 * 1024)
+
+    async def one() -> int:
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        sent = 0
+        while sent < per_stream:
+            w.write(block)
+            sent += len(block)
+            await w.drain()
+        w.write_eof()
+        got = int((await r.read()) or b"0")
+        w.close()
+        return got
+
+    t0 = time.perf_counter()
+    counts = await asyncio.gather(*(one() for _ in range(streams)))
+    dt = time.perf_counter() - t0
+    if sum(counts) != streams * per_stream:
+        raise RuntimeError(f"bulk lost data: {sum(counts)} != {streams * per_stream}")
+    return sum(counts) * 8 / dt / 1e9
+
+
+async def round_trips(port: int, n: int, stop: asyncio.Event | None = None) -> list[float]:
+    r, w = await asyncio.open_connection("127.0.0.1", port)
+    w.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    msg = b"x" * 100
+    w.write(msg)
+    await r.readexactly(100)  # warm-up
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        w.write(msg)
+        await r.readexactly(100)
+        out.append(time.perf_counter() - t0)
+        if stop is not None and stop.is_set():
+            break
+    w.close()
+    return out
+
+
+async def rr_under_load(sink_port: int, echo_port: int, n: int, bulk_bytes: int
+                        ) -> tuple[list[float], float]:
+    """Round trips on one stream while another stream of the same tunnel uploads bulk data."""
+    block = os.urandom(256 * 1024)
+    stop = asyncio.Event()
+    r, w = await asyncio.open_connection("127.0.0.1", sink_port)
+    sent = 0
+    t0 = time.perf_counter()
+
+    async def pusher() -> None:
+        nonlocal sent
+        while not stop.is_set() and sent < bulk_bytes:
+            w.write(block)
+            sent += len(block)
+            await w.drain()
+
+    task = asyncio.create_task(pusher())
+    await asyncio.sleep(0.3)  # let the bulk stream fill the pipe
+    rtts = await round_trips(echo_port, n)
+    stop.set()
+    await task
+    rate = sent * 8 / (time.perf_counter() - t0) / 1e9
+    w.write_eof()
+    await r.read()
+    w.close()
+    return rtts, rate
+
+
+async def new_streams(port: int, n: int, limit_s: float) -> tuple[float, float]:
+    """Sequential open + 1-byte echo + close; (opens per second, median ms)."""
+    times = []
+    t_end = time.perf_counter() + limit_s
+    for _ in range(n):
+        t0 = time.perf_counter()
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        w.write(b"!")
+        await r.readexactly(1)
+        w.close()
+        times.append(time.perf_counter() - t0)
+        if time.perf_counter() > t_end:
+            break
+    return len(times) / sum(times), statistics.median(times) * 1000
+
+
+def pct(xs: list[float], p: float) -> float:
+    s = sorted(xs)
+    return s[min(len(s) - 1, int(len(s) * p))] * 1e6
+
+
+async def measure(sink: int, echo: int, quick: bool) -> dict[str, float]:
+    size1 = (128 if quick else 512) * MiB
+    res: dict[str, float] = {}
+    res["bulk1"] = max([await bulk(sink, 1, size1) for _ in range(2)])
+    res["bulk8"] = await bulk(sink, 8, size1 // 8)
+    rr = await round_trips(echo, 500 if quick else 2000)
+    res["rr_med"], res["rr_p99"] = pct(rr, 0.5), pct(rr, 0.99)
+    rrl, rate = await rr_under_load(sink, echo, 300 if quick else 1000, (2 if quick else 8) * 1024
+                                    * MiB)
+    res["rrl_med"], res["rrl_p99"], res["rrl_bulk"] = pct(rrl, 0.5), pct(rrl, 0.99), rate
+    res["opens"], res["open_ms"] = await new_streams(echo, 200 if quick else 500, 5.0)
+    return res
+
+
+# --- the two setups ------------------------------------------------------------------------------
+
+
+def run_ours(work: Path, quick: bool) -> dict[str, float]:
+    from tunnel.certs import make_certs
+
+    make_certs(work / "certs")
+    procs = Procs()
+    try:
+        sink_t, echo_t = free_port(), free_port()
+        procs.start(me("_targets", str(sink_t), str(echo_t)))
+        bport, e_sink, e_echo = free_port(), free_port(), free_port()
+        procs.start(me("_broker", str(bport), str(work / "certs"),
+                       f"{e_sink}:{sink_t}", f"{e_echo}:{echo_t}"))
+        wait_port(bport)
+        agent = procs.start(me("_agent", str(bport), str(work / "certs"), "1"),
+                            stdout=subprocess.PIPE)
+        assert agent.stdout is not None
+        if not agent.stdout.readline().startswith(b"READY 1"):
+            raise RuntimeError("agent did not register")
+        wait_port(sink_t)
+        return asyncio.run(measure(e_sink, e_echo, quick))
+    finally:
+        procs.stop_all()
+
+
+def run_ours_idle(work: Path, n: int) -> float:
+    """KiB of broker RSS per idle tunnel, with ``n`` tunnels."""
+    procs = Procs()
+    try:
+        bport = free_port()
+        broker = procs.start(me("_broker", str(bport), str(work / "certs")))
+        wait_port(bport)
+        time.sleep(0.5)
+        base = rss_kib(broker.pid)
+        agent = procs.start(me("_agent", str(bport), str(work / "certs"), str(n)),
+                            stdout=subprocess.PIPE)
+        assert agent.stdout is not None
+        line = agent.stdout.readline().split()
+        registered = int(line[1]) if len(line) == 2 and line[0] == b"READY" else 0
+        if not registered:
+            raise RuntimeError("agents did not register")
+        if registered < n:
+            print(f"only {registered} of {n} tunnels registered in 90 s", file=sys.stderr)
+        time.sleep(1.0)
+        return (rss_kib(broker.pid) - base) / registered
+    finally:
+        procs.stop_all()
+
+
+def start_sshd(work: Path, procs: Procs) -> tuple[int, Path]:
+    from dispatcher.proc import CommandRunner
+
+    runner = CommandRunner(max_concurrency=2, default_timeout_s=30)
+    for name in ("host", "user"):
+        asyncio.run(runner.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f",
+                                str(work / name)]))
+    (work / "authorized_keys").write_text((work / "user.pub").read_text())
+    os.chmod(work / "authorized_keys", 0o600)
+    port = free_port()
+    (work / "sshd_config").write_text(f"""Port {port}
+ListenAddress 127.0.0.1
+HostKey {work}/host
+AuthorizedKeysFile {work}/authorized_keys
+PidFile none
+UsePAM no
+StrictModes no
+PermitRootLogin yes
+PasswordAuthentication no
+Ciphers aes128-gcm@openssh.com
+AllowTcpForwarding yes
+MaxStartups 200:30:400
+MaxSessions 100
+LogLevel ERROR
+""")
+    Path("/run/sshd").mkdir(exist_ok=True)
+    procs.start(["/usr/sbin/sshd", "-D", "-e", "-f", str(work / "sshd_config")])
+    wait_port(port)
+    return port, work / "user"
+
+
+def ssh_argv(port: int, key: Path, forwards: list[tuple[int, int]]) -> list[str]:
+    argv = ["ssh", "-N", "-T", "-p", str(port), "-i", str(key), "-c", "aes128-gcm@openssh.com",
+            "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+            "-o", "BatchMode=yes", "-o", "ExitOnForwardFailure=yes", "-o", "LogLevel=ERROR"]
+    for rport, target in forwards:
+        argv += ["-R", f"127.0.0.1:{rport}:127.0.0.1:{target}"]
+    return [*argv, f"{os.environ.get('USER', 'root')}@127.0.0.1"]
+
+
+def run_ssh(work: Path, quick: bool) -> dict[str, float]:
+    procs = Procs()
+    try:
+        port, key = start_sshd(work, procs)
+        sink_t, echo_t = free_port(), free_port()
+        procs.start(me("_targets", str(sink_t), str(echo_t)))
+        r_sink, r_echo = free_port(), free_port()
+        procs.start(ssh_argv(port, key, [(r_sink, sink_t), (r_echo, echo_t)]))
+        wait_port(r_sink)
+        wait_port(r_echo)
+        wait_port(sink_t)
+        return asyncio.run(measure(r_sink, r_echo, quick))
+    finally:
+        procs.stop_all()
+
+
+def run_ssh_idle(work: Path, n: int) -> float:
+    """KiB of sshd PSS per idle ``ssh -N -R`` connection (session processes), with ``n``."""
+    procs = Procs()
+    try:
+        idle = work / "idle"
+        idle.mkdir(exist_ok=True)
+        port, key = start_sshd(idle, procs)
+        listener = procs.procs[-1].pid
+        for _ in range(n):
+            procs.start(ssh_argv(port, key, [(free_port(), 9)]))
+        deadline = time.monotonic() + 60
+        while True:
+            children = [int(p) for p in Path(f"/proc/{listener}/task/{listener}/children")
+                        .read_text().split()]
+            if len(children) >= n or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        time.sleep(1.0)
+        total = 0
+        for c in children:  # per connection: sshd monitor + its privsep child
+            total += pss_kib(c)
+            with contextlib.suppress(OSError):
+                for g in Path(f"/proc/{c}/task/{c}/children").read_text().split():
+                    total += pss_kib(int(g))
+        return total / max(1, len(children))
+    finally:
+        procs.stop_all()
+
+
+def main() -> int:
+    if len(sys.argv) > 1 and sys.argv[1].startswith("_"):
+        import uvloop
+
+        role, args = sys.argv[1], sys.argv[2:]
+        if role == "_targets":
+            uvloop.run(role_targets(int(args[0]), int(args[1])))
+        elif role == "_broker":
+            entries = [tuple(map(int, a.split(":"))) for a in args[2:]]
+            uvloop.run(role_broker(int(args[0]), args[1], entries))  # type: ignore[arg-type]
+        elif role == "_agent":
+            uvloop.run(role_agent(int(args[0]), args[1], int(args[2])))
+        return 0
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smaller sizes (about 30 s)")
+    parser.add_argument("--tunnels", type=int, default=1000, help="idle tunnels for (5)")
+    parser.add_argument("--ssh-idle", type=int, default=50, help="idle ssh connections for (5)")
+    args = parser.parse_args()
+    if not shutil.which("ssh") or not os.path.exists("/usr/sbin/sshd"):
+        print("needs OpenSSH client and server (apt install openssh-client openssh-server)")
+        return 2
+    with tempfile.TemporaryDirectory(prefix="bench-tunnel-") as tmp:
+        work = Path(tmp)
+        print("running OpenSSH ssh -N -R ...", file=sys.stderr)
+        ssh = run_ssh(work, args.quick)
+        print("running crunchgate tunnel ...", file=sys.stderr)
+        ours = run_ours(work, args.quick)
+        print(f"idle tunnels: {args.tunnels} ours, {args.ssh_idle} ssh ...", file=sys.stderr)
+        ours_idle = run_ours_idle(work, args.tunnels)
+        ssh_idle = run_ssh_idle(work, args.ssh_idle)
+
+    rows = [
+        ("(1) bulk, 1 stream (Gbit/s)", "bulk1", True, 0.5),
+        ("(1) bulk, 8 streams (Gbit/s)", "bulk8", True, 0.5),
+        ("(2) RR 100 B median (us)", "rr_med", False, 1.5),
+        ("(2) RR 100 B p99 (us)", "rr_p99", False, None),
+        ("(3) RR under bulk, median (us)", "rrl_med", False, None),
+        ("(3) RR under bulk, p99 (us)", "rrl_p99", False, 1.0),
+        ("(3) bulk rate meanwhile (Gbit/s)", "rrl_bulk", True, None),
+        ("(4) new streams per second", "opens", True, 1.0),
+        ("(4) new stream median (ms)", "open_ms", False, None),
+    ]
+    print(f"\n{'measure':<36}{'ssh -R':>12}{'crunchgate':>12}{'ratio':>9}  goal")
+    for label, key, higher, goal in rows:
+        a, b = ssh[key], ours[key]
+        ratio = b / a if a else float("nan")
+        if goal is None:
+            verdict = ""
+        elif higher:
+            verdict = f">= {goal}x  {'ok' if ratio >= goal else 'MISSED'}"
+        else:
+            verdict = f"<= {goal}x  {'ok' if ratio <= goal else 'MISSED'}"
+        print(f"{label:<36}{a:>12.2f}{b:>12.2f}{ratio:>9.2f}  {verdict}")
+    print(f"{'(5) memory per idle tunnel (KiB)':<36}{ssh_idle:>12.0f}{ours_idle:>12.0f}"
+          f"{ours_idle / ssh_idle if ssh_idle else float('nan'):>9.2f}  "
+          f"(ours: broker RSS over {args.tunnels} tunnels; ssh: sshd PSS per connection, "
+          f"{args.ssh_idle} connections)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
