@@ -81,8 +81,8 @@ class _Handshake(asyncio.Protocol):
             asyncio.get_running_loop().create_future())
         self.transport: asyncio.Transport | None = None
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]  # uvloop's SSL transport is no asyncio.Transport
+    def connection_made(self, transport: Any) -> None:  # uvloop's SSL transport is no Transport
+        self.transport = transport
         transport.write(self.request)
 
     def data_received(self, data: bytes) -> None:
@@ -199,8 +199,9 @@ class Agent:
             self.registered.set()
             self.log.info("tunnel registered with broker %s", url or f"{self.host}:{self.port}")
             started = asyncio.get_running_loop().time()
-            drain = asyncio.ensure_future(self._drain_now.wait())
-            await asyncio.wait([conn.closed, drain], return_when=asyncio.FIRST_COMPLETED)
+            drain: asyncio.Future[Any] = asyncio.ensure_future(self._drain_now.wait())
+            closed: asyncio.Future[Any] = conn.closed
+            await asyncio.wait([closed, drain], return_when=asyncio.FIRST_COMPLETED)
             drain.cancel()
             if not conn.closed.done():
                 # Drain: a new tunnel now, the old one lives until its streams are done.

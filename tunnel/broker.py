@@ -185,7 +185,7 @@ class _Hijacked(web.StreamResponse):
     def __init__(self) -> None:
         super().__init__(status=101)
 
-    async def prepare(self, request: web.BaseRequest) -> None:  # type: ignore[override]
+    async def prepare(self, request: web.BaseRequest) -> None:
         return None
 
     async def write_eof(self, data: bytes = b"") -> None:
@@ -242,8 +242,13 @@ class _Splice(asyncio.Protocol):
         self.chained: asyncio.BaseProtocol | None = None
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]  # uvloop's SSL transport is no asyncio.Transport
+    def connection_made(self, transport: Any) -> None:  # uvloop's SSL transport is no Transport
+        self.transport = transport
+
+    def take(self, transport: asyncio.Transport) -> None:
+        """Become the protocol of an already-connected transport."""
+        transport.set_protocol(self)
+        self.connection_made(transport)
 
     def data_received(self, data: bytes) -> None:
         if self.peer is not None and self.peer.transport is not None:
@@ -288,8 +293,8 @@ class _HeadReader(asyncio.Protocol):
         self.head: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self.transport: asyncio.Transport | None = None
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]  # uvloop's SSL transport is no asyncio.Transport
+    def connection_made(self, transport: Any) -> None:  # uvloop's SSL transport is no Transport
+        self.transport = transport
         transport.write(self.request)
 
     def data_received(self, data: bytes) -> None:
@@ -599,7 +604,7 @@ class Broker:
         rest = reader.parser.rest
         hijack(request, response_head("101 Switching Protocols",
                                       {"Upgrade": "ssh", "Connection": "Upgrade"}),
-               client, lambda t: (t.set_protocol(client), client.connection_made(t)))
+               client, client.take)
         transport.set_protocol(upstream)
         upstream.connection_made(transport)
         if rest:

@@ -284,8 +284,8 @@ class TunnelConnection(asyncio.BufferedProtocol):
 
     # --- transport callbacks ---------------------------------------------------------------
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = transport  # type: ignore[assignment]
+    def connection_made(self, transport: Any) -> None:  # uvloop's SSL transport is no Transport
+        self._transport = transport
         tune_socket(transport)
         transport.set_write_buffer_limits(high=TRANSPORT_HIGH_WATER, low=TRANSPORT_LOW_WATER)
         self.proto.initiate()
@@ -535,8 +535,8 @@ class LocalPipe(asyncio.Protocol):
         self._on_lost = on_lost
         self._eof_sent = False
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]  # uvloop's SSL transport is no asyncio.Transport
+    def connection_made(self, transport: Any) -> None:  # uvloop's SSL transport is no Transport
+        self.transport = transport
         tune_socket(transport, lowat=False)
         if self._defer:
             # The stream is not accepted yet: nothing may be sent on it before its headers.

@@ -64,7 +64,7 @@ def _set_winsize(fd: int, cols: int, rows: int) -> None:
         fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
 
 
-class _Session(asyncssh.SSHServerSession):  # type: ignore[misc]
+class _Session(asyncssh.SSHServerSession):
     """One ``session`` channel: runs one command, with or without a pty."""
 
     def __init__(self, gw: Gateway) -> None:
@@ -178,7 +178,7 @@ class _Session(asyncssh.SSHServerSession):  # type: ignore[misc]
             chan.write_stderr(f"cannot parse command: {exc}\r\n".encode())
             chan.exit(1)
             return
-        cwd = self.gw.ctx.container_cwd
+        cwd: str | None = self.gw.ctx.container_cwd
         if not cwd or not os.path.isdir(cwd):  # noqa: ASYNC240 - one stat, local disk
             cwd = None
         try:
@@ -279,7 +279,7 @@ class _Session(asyncssh.SSHServerSession):  # type: ignore[misc]
                 os.killpg(proc.pid, signal.SIGHUP)
 
 
-class _Server(asyncssh.SSHServer):  # type: ignore[misc]
+class _Server(asyncssh.SSHServer):
     def __init__(self, gw: Gateway) -> None:
         self.gw = gw
         self.conn: Any = None

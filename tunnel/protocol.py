@@ -77,7 +77,7 @@ def _short_raw_data_repr(data: bytes | None) -> str:
     return "<hex:" + head + ("..." if len(data) > 10 else "") + ">"
 
 
-hyperframe.frame._raw_data_repr = _short_raw_data_repr  # type: ignore[attr-defined]
+hyperframe.frame._raw_data_repr = _short_raw_data_repr
 
 
 class TunnelProtocolError(TunnelError):
@@ -319,6 +319,15 @@ class ConnectionTerminated(Event):
     reason: str
 
 
+def _header_dict(headers: Any) -> dict[str, str]:
+    """h2 headers (str with header_encoding set) as a dict."""
+    out: dict[str, str] = {}
+    for k, v in headers or []:
+        key = k.decode() if isinstance(k, bytes) else str(k)
+        out[key] = v.decode() if isinstance(v, bytes) else str(v)
+    return out
+
+
 # --- the h2 subclass that understands a drain notice ---------------------------------------------
 
 
@@ -457,7 +466,7 @@ class TunnelProtocol:
         elif isinstance(ev, h2.events.RequestReceived):
             sid = ev.stream_id
             assert sid is not None
-            headers = {k: v for k, v in (ev.headers or [])}
+            headers = _header_dict(ev.headers)
             if self.role != "agent" or headers.get(":method") != "CONNECT":
                 self._h2.reset_stream(sid, h2.errors.ErrorCodes.PROTOCOL_ERROR)
                 return
@@ -470,7 +479,7 @@ class TunnelProtocol:
         elif isinstance(ev, h2.events.ResponseReceived):
             sid = ev.stream_id
             assert sid is not None
-            headers = {k: v for k, v in (ev.headers or [])}
+            headers = _header_dict(ev.headers)
             status = int(headers.get(":status", "0") or 0)
             st = self._streams.get(sid)
             if st is None:

@@ -304,8 +304,7 @@ class WebServices:
             raise WebError(f"cannot reach the controller holding the tunnel: {exc}",
                            503) from exc
         transport.write(head + body)
-        hijack(request, b"", client, lambda t: (t.set_protocol(client),
-                                                client.connection_made(t)))
+        hijack(request, b"", client, client.take)
         try:
             await asyncio.wait([upstream.done, client.done], return_when=asyncio.ALL_COMPLETED)
         finally:

@@ -117,8 +117,8 @@ class _Upgrade(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.more: asyncio.Event = asyncio.Event()
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]  # uvloop's SSL transport is no asyncio.Transport
+    def connection_made(self, transport: Any) -> None:  # uvloop's SSL transport is no Transport
+        self.transport = transport
         transport.write(self.request)
 
     def data_received(self, data: bytes) -> None:
