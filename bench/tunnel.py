@@ -106,6 +106,14 @@ class Procs:
         self.procs.clear()
 
 
+def bench_settings() -> Any:
+    """TunnelSettings for both ends; ``BENCH_WINDOW_KIB`` overrides the stream window."""
+    from tunnel.protocol import TunnelSettings
+
+    kib = int(os.environ.get("BENCH_WINDOW_KIB", "0") or 0)
+    return TunnelSettings(stream_window_bytes=kib * 1024) if kib else TunnelSettings()
+
+
 def me(*args: str) -> list[str]:
     return [sys.executable, str(Path(__file__).resolve()), *args]
 
@@ -155,7 +163,7 @@ async def role_broker(port: int, certdir: str, entries: list[tuple[int, int]]) -
             pass
 
     cfg = BrokerConfig(system_root_token=ROOT_TOKEN, internal_url=f"https://127.0.0.1:{port}/",
-                       max_gateway_tunnels=5000)
+                       max_gateway_tunnels=5000, settings=bench_settings())
     broker = Broker(cfg, Backend())  # type: ignore[arg-type]
     app = web.Application()
     broker.setup(app)
@@ -222,9 +230,10 @@ async def role_agent(port: int, certdir: str, count: int) -> None:
 
     agents = []
     for i in range(count):
-        uuid = UUID if i == 0 else f"zzzzz-dz642-{i:015d}"
+        uuid = UUID if i == 0 else f"zzzzz-dz642-{i + 1000:015d}"  # never UUID itself
         a = Agent(f"https://127.0.0.1:{port}", uuid, gateway_auth_secret(ROOT_TOKEN, uuid),
-                  stream_handler=handler, ca_file=f"{certdir}/tls/ca.crt")
+                  stream_handler=handler, ca_file=f"{certdir}/tls/ca.crt",
+                  settings=bench_settings())
         a.start()
         agents.append(a)
         if i % 50 == 49:
@@ -498,7 +507,11 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="smaller sizes (about 30 s)")
     parser.add_argument("--tunnels", type=int, default=1000, help="idle tunnels for (5)")
     parser.add_argument("--ssh-idle", type=int, default=50, help="idle ssh connections for (5)")
+    parser.add_argument("--window-kib", type=int, default=0,
+                        help="stream window for our tunnel (default: TunnelSettings)")
     args = parser.parse_args()
+    if args.window_kib:
+        os.environ["BENCH_WINDOW_KIB"] = str(args.window_kib)
     if not shutil.which("ssh") or not os.path.exists("/usr/sbin/sshd"):
         print("needs OpenSSH client and server (apt install openssh-client openssh-server)")
         return 2
