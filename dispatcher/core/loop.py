@@ -682,7 +682,14 @@ class Dispatcher:
         log.warning("%s", message.rstrip("\n"), extra=ctx)
         await self._write_log_record(tr.uuid, message)
         if permanent:
-            await self._cancel_container_with_error(tr, rec, message.rstrip("\n"))
+            # runtime_status.error carries the bare reason, as arvados-dispatch-lsf and
+            # arvados-dispatch-cloud write it; the log record above keeps the full report.
+            if isinstance(failure, ConstraintsNotSatisfiable):
+                reason = failure.message
+                detail = message.rstrip("\n").partition("\n")[2]
+            else:
+                reason, detail = _err(failure), ""
+            await self._cancel_container_with_error(tr, rec, reason, detail)
         else:
             delay = self._note_transient_failure(tr.uuid)
             log.info("unlocking container %s after a failed submission; next attempt in %.0fs",
@@ -699,7 +706,7 @@ class Dispatcher:
                         extra={"container_uuid": uuid})
 
     async def _cancel_container_with_error(
-        self, tr: Tracked, rec: Mapping[str, Any], message: str
+        self, tr: Tracked, rec: Mapping[str, Any], message: str, detail: str = ""
     ) -> None:
         ctx = {"container_uuid": tr.uuid}
         status = dict(rec.get("runtime_status") or {})
@@ -707,8 +714,9 @@ class Dispatcher:
         # available instance types) as errorDetail.
         first, _, rest = message.partition("\n")
         status["error"] = first
-        if rest.strip():
-            status["errorDetail"] = rest.strip()
+        detail = "\n".join(part for part in (rest.strip(), detail.strip()) if part)
+        if detail:
+            status["errorDetail"] = detail
         try:
             async with self._api_sem:
                 # runtime_status can only be written while we hold the lock: before Cancelled.

@@ -128,8 +128,8 @@ def test_submit(lsf_sim_factory, tmp_path: Path, error_rate: float) -> None:  # 
 
     # Never submitted; cancelled with the reference's reason.
     assert s.bsub_args(too_big) == []
-    assert "constraints not satisfiable by any configured instance type" in \
-        c[too_big]["runtime_status"]["error"]
+    assert c[too_big]["runtime_status"]["error"] == \
+        "constraints not satisfiable by any configured instance type"
     # %%J arrives as %J
     out = ["-o", f"{tmp_path}/crunch-run.%J.out", "-e", f"{tmp_path}/crunch-run.%J.err"]
     assert s.bsub_args(queued)[-1] == out + [
