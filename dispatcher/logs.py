@@ -114,7 +114,7 @@ def setup_logging(level: str = "info", fmt: str = "json", cluster_id: str = "") 
         )
 
 
-class ContextAdapter(logging.LoggerAdapter):  # type: ignore[type-arg]
+class ContextAdapter(logging.LoggerAdapter[logging.Logger]):
     """A logger that adds fixed context fields (e.g. container_uuid) to every record."""
 
     def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:

@@ -173,9 +173,13 @@ class CommandRunner:
             out, err = await asyncio.wait_for(proc.communicate(data), limit_s)
         except TimeoutError:
             _kill_group(proc)
-            out, err = await _drain(proc)
+            partial_out, partial_err = await _drain(proc)
             raise CommandTimeout(
-                argv, None, self._redact(out), self._redact(err), f"timed out after {limit_s:g}s"
+                argv,
+                None,
+                self._redact(partial_out),
+                self._redact(partial_err),
+                f"timed out after {limit_s:g}s",
             ) from None
         except asyncio.CancelledError:
             _kill_group(proc)
