@@ -27,18 +27,58 @@ from typing import Any
 
 from dispatcher.config import ClusterConfig, ConfigError, load_config
 from dispatcher.logs import register_secret, setup_logging
+from dispatcher.slurm.legacy import DEFAULT_LEGACY_PATH, is_cluster_config, load_legacy_config
 
 log = logging.getLogger("crunchgate.slurm")
 
 SERVICE = "DispatchSLURM"
+DEFAULT_CONFIG = "/etc/arvados/config.yml"
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    """Options of ``crunchgate dispatch-slurm``."""
-    parser.add_argument("--config", default=os.environ.get("ARVADOS_CONFIG",
-                                                           "/etc/arvados/config.yml"),
-                        help="cluster config file (default: %(default)s)")
+    """Options of ``crunchgate dispatch-slurm``.
+
+    The original's Go-style single-dash spellings (``-config``,
+    ``-legacy-crunch-dispatch-slurm-config``, ``-skip-legacy``) are accepted too, so a systemd
+    unit written for crunch-dispatch-slurm works unchanged.
+    """
+    parser.add_argument("--config", "-config", default=None,
+                        help="cluster config file (default: $ARVADOS_CONFIG or "
+                        f"{DEFAULT_CONFIG}); a file without 'Clusters:' is read as the legacy "
+                        "crunch-dispatch-slurm.yml, as the original does")
     parser.add_argument("--cluster", default=None, help="cluster ID, if the file has several")
+    parser.add_argument(
+        "--legacy-crunch-dispatch-slurm-config", "-legacy-crunch-dispatch-slurm-config",
+        dest="legacy_config", default=None, metavar="FILE",
+        help="legacy standalone crunch-dispatch-slurm.yml whose keys are laid over the "
+        f"cluster config (default: {DEFAULT_LEGACY_PATH}, if it exists; '' for none)")
+    parser.add_argument("--skip-legacy", "-skip-legacy", action="store_true",
+                        help="do not load any legacy config file")
+
+
+def load_dispatch_config(args: argparse.Namespace) -> tuple[ClusterConfig, list[str]]:
+    """The cluster config with the legacy crunch-dispatch-slurm.yml (if any) laid over it,
+    and the warnings to log once logging is set up."""
+    notes: list[str] = []
+    default_config = os.environ.get("ARVADOS_CONFIG") or DEFAULT_CONFIG
+    config_path = args.config or default_config
+    legacy_path: str | None = args.legacy_config
+    explicit = legacy_path is not None
+    if args.config and legacy_path is None and not is_cluster_config(args.config):
+        # The original's MungeLegacyConfigArgs: -config pointing at a legacy file.
+        notes.append(f"{args.config} is not a cluster config file -- interpreting --config as "
+                     "--legacy-crunch-dispatch-slurm-config (please migrate your config!)")
+        legacy_path, explicit, config_path = args.config, True, default_config
+    cfg = load_config(config_path, args.cluster)
+    if args.skip_legacy or legacy_path == "":
+        return cfg, notes
+    path = legacy_path or DEFAULT_LEGACY_PATH
+    warnings = load_legacy_config(cfg, path, explicit=explicit)
+    if warnings is not None:
+        notes.append(f"loaded legacy crunch-dispatch-slurm config {path}: move its keys into "
+                     f"{config_path} and remove it (docs/slurm.md lists the mapping)")
+        notes += warnings
+    return cfg, notes
 
 
 class JobEndRecorder:
@@ -127,11 +167,13 @@ async def serve(cfg: ClusterConfig) -> int:
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``crunchgate dispatch-slurm``."""
     try:
-        cfg = load_config(args.config, args.cluster)
+        cfg, notes = load_dispatch_config(args)
     except (ConfigError, OSError) as exc:
         print(f"crunchgate dispatch-slurm: {exc}", file=sys.stderr)
         return 2
     setup_logging(cfg.system_logs.log_level, cfg.system_logs.format, cfg.cluster_id)
+    for note in notes:
+        log.warning("%s", note)
     register_secret(cfg.system_root_token)
     register_secret(cfg.management_token)
     if not cfg.system_root_token:
