@@ -55,3 +55,36 @@ def test_add_user_prints_only_the_token(tmp_path: Path, capsys: pytest.CaptureFi
     assert out.startswith("v2/abcde-gj3su-") and out.count("\n") == 1
     assert cli.run(args) == 1  # the name is taken
     assert (tmp_path / "data" / cli.DB_FILE).exists()
+
+
+@pytest.mark.parametrize("flags, brokers", [([], 1), (["--no-broker"], 0)])
+def test_broker_is_mounted_once_or_not_at_all(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                              flags: list[str], brokers: int) -> None:
+    """The tunnel broker's routes exist exactly once (a second mount would shadow the first
+    and split its state), and ``--no-broker`` really leaves them out."""
+    from aiohttp import web
+
+    import dispatcher.service
+
+    monkeypatch.setattr(cli, "setup_logging", lambda *a, **k: None)
+    served: list[web.Application] = []
+
+    async def fake_run_service(app: web.Application, *args: object, **kwargs: object) -> None:
+        served.append(app)
+
+    monkeypatch.setattr(dispatcher.service, "run_service", fake_run_service)
+    config = tmp_path / "config.yml"
+    config.write_text(
+        "Clusters:\n  abcde:\n    SystemRootToken: xxxxxxxxxxxxxxxxxxxxxxx\n"
+        "    Services:\n      Controller:\n"
+        "        ExternalURL: https://127.0.0.1:9\n"
+        "        InternalURLs: {'https://127.0.0.1:9': {}}\n")
+    parser = argparse.ArgumentParser()
+    cli.configure_parser(parser)
+    args = parser.parse_args(["--config", str(config), "--data", str(tmp_path / "data"), *flags])
+    assert cli.run(args) == 0
+    (app,) = served
+    tunnel_routes = [r for r in app.router.routes()
+                     if r.resource is not None and r.method == "POST"
+                     and r.resource.canonical == "/arvados/v1/connect/{uuid}/gateway_tunnel"]
+    assert len(tunnel_routes) == brokers

@@ -142,16 +142,6 @@ async def serve(
         store.close()
 
 
-def _tunnel_setup(cfg: Any, data_dir: Path) -> tuple[Any, ...]:
-    """Mount the tunnel broker (container shells, tunnels) when the tunnel package is present."""
-    try:
-        from tunnel.broker import controller_setup
-    except ImportError:
-        return ()
-    ca_file = None if cfg.tls.certificate else str(data_dir / "tls" / "ca.crt")
-    return (controller_setup(cfg, ca_file=ca_file),)
-
-
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``crunchgate controller``."""
     from dispatcher.config import ConfigError, load_config
@@ -195,8 +185,8 @@ def run(args: argparse.Namespace) -> int:
         )
         return 2
     try:
-        asyncio.run(serve(cfg, data_dir, extra_setup=_tunnel_setup(cfg, data_dir),
-                          config_path=args.config))
+        asyncio.run(serve(cfg, data_dir, config_path=args.config,
+                          with_broker=not args.no_broker))
     except (ConfigError, ControllerError, ServiceError, OSError, ssl.SSLError) as exc:
         log.error("controller failed: %s", exc)
         print(f"crunchgate controller: {exc}", file=sys.stderr)
