@@ -235,7 +235,7 @@ def test_ten_containers_run_to_complete_over_ssh(cloud_cluster):
         "Authorization": f"Bearer {c.ctl.management_token}"})
     with urllib.request.urlopen(req, timeout=10) as resp:
         metrics = resp.read().decode()
-    assert 'arvados_dispatchcloud_boot_outcomes_total{outcome="success"} 1.0' in metrics
+    assert 'arvados_dispatchcloud_boot_outcomes{outcome="success"} 1.0' in metrics
     assert "arvados_dispatchcloud_containers_time_from_queue_to_crunch_run_seconds_count 10.0" \
         in metrics
     log = c.log.read_text()

@@ -222,15 +222,15 @@ def test_dispatch_to_misbehaving_stub_cloud():
     env = sim.stdin_configs[0]["Env"]
     assert env["ARVADOS_API_HOST"] == "127.0.0.1:9" and env["ARVADOS_API_TOKEN"]
     m = "arvados_dispatchcloud_"
-    assert sample(sim, m + "driver_operations_total", {"operation": "Create", "error": "0"}) > 0
-    assert sample(sim, m + "driver_operations_total", {"operation": "Create", "error": "1"}) > 0
-    assert sample(sim, m + "driver_operations_total", {"operation": "List", "error": "0"}) > 0
-    assert sample(sim, m + "driver_operations_total", {"operation": "List", "error": "1"}) == 0
-    assert sample(sim, m + "driver_operations_total", {"operation": "Destroy", "error": "0"}) > 0
+    assert sample(sim, m + "driver_operations", {"operation": "Create", "error": "0"}) > 0
+    assert sample(sim, m + "driver_operations", {"operation": "Create", "error": "1"}) > 0
+    assert sample(sim, m + "driver_operations", {"operation": "List", "error": "0"}) > 0
+    assert sample(sim, m + "driver_operations", {"operation": "List", "error": "1"}) == 0
+    assert sample(sim, m + "driver_operations", {"operation": "Destroy", "error": "0"}) > 0
     for outcome in ("success", "failure", "disappeared"):
-        assert sample(sim, m + "boot_outcomes_total", {"outcome": outcome}) > 0, outcome
-    assert sample(sim, m + "instances_disappeared_total", {"state": "shutdown"}) > 0
-    assert sample(sim, m + "instances_disappeared_total", {"state": "unknown"}) == 0
+        assert sample(sim, m + "boot_outcomes", {"outcome": outcome}) > 0, outcome
+    assert sample(sim, m + "instances_disappeared", {"state": "shutdown"}) > 0
+    assert sample(sim, m + "instances_disappeared", {"state": "unknown"}) == 0
     assert sample(sim, m + "last_503_time") > 0
     assert sample(sim, m + "instances_time_to_ssh_seconds_count") > 0
     assert sample(sim, m + "containers_time_from_queue_to_crunch_run_seconds_count") > 0

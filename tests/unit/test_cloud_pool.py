@@ -64,7 +64,7 @@ def test_create_tags_init_command_and_pending_view():
 
     pool = run(go())
     assert pool.metrics.registry.get_sample_value(
-        "arvados_dispatchcloud_driver_operations_total",
+        "arvados_dispatchcloud_driver_operations",
         {"operation": "Create", "error": "0"}) == 1
 
 
@@ -173,9 +173,9 @@ def test_shutdown_rules_and_disappearance():
     pool, a = run(go())
     assert list(pool.workers) == [a]
     reg = pool.metrics.registry
-    assert reg.get_sample_value("arvados_dispatchcloud_instances_disappeared_total",
+    assert reg.get_sample_value("arvados_dispatchcloud_instances_disappeared",
                                 {"state": "shutdown"}) == 2
-    assert reg.get_sample_value("arvados_dispatchcloud_boot_outcomes_total",
+    assert reg.get_sample_value("arvados_dispatchcloud_boot_outcomes",
                                 {"outcome": "aborted"}) >= 1
 
 

@@ -139,7 +139,7 @@ def test_boot_outcome_and_metrics_once():
     probe(wkr)
     probe(wkr)
     m = pool.metrics.registry
-    assert m.get_sample_value("arvados_dispatchcloud_boot_outcomes_total",
+    assert m.get_sample_value("arvados_dispatchcloud_boot_outcomes",
                               {"outcome": "success"}) == 1
 
 
