@@ -166,7 +166,17 @@ class LsfCLI:
 
         Raises :class:`LsfCommandError` (failed, timed out, unparseable): never a partial map.
         """
-        res = await self._run(self.query_runner, BJOBS_ARGV, command="bjobs")
+        res = await self._run(self.query_runner, BJOBS_ARGV, command="bjobs", check=False)
+        if res.returncode != 0:
+            if parse.is_empty_queue_message(res.stdout, res.stderr):
+                return {}
+            self.metrics.errors.labels("bjobs", "other").inc()
+            raise LsfCommandError(
+                "bjobs", "other",
+                parse.lsf_message(res.stderr) or parse.lsf_message(res.stdout)
+                or f"exit status {res.returncode}",
+                returncode=res.returncode,
+            )
         try:
             return parse.parse_bjobs_json(res.stdout)
         except LsfOutputError as exc:

@@ -128,6 +128,17 @@ def parse_bjobs_json(text: str) -> dict[str, LsfJob]:
     return jobs
 
 
+def is_empty_queue_message(stdout: str, stderr: str) -> bool:
+    """True if a *failed* bjobs said nothing but "No unfinished job found" / "No job found".
+
+    Depending on version and options, LSF reports an empty queue that way on stderr with a
+    non-zero exit status instead of an empty JSON listing. Only that exact message (nothing
+    else on either stream) counts: any other failure means "we do not know".
+    """
+    lines = [ln.strip() for ln in f"{stdout}\n{stderr}".splitlines() if ln.strip()]
+    return bool(lines) and all(_NO_JOBS_RE.fullmatch(ln) for ln in lines)
+
+
 def _json_start(text: str) -> int:
     """Offset of the ``{`` that opens the JSON document (first line that starts with one)."""
     if text.lstrip().startswith("{"):

@@ -168,6 +168,20 @@ def test_failing_hanging_or_garbled_bjobs_is_query_failed(lsf_sim: LsfSim, tmp_p
     assert list(core_run(be.list_jobs())) == [UUID]
 
 
+def test_failed_bjobs_saying_no_unfinished_job_is_an_empty_queue(lsf_sim: LsfSim,
+                                                                 tmp_path: Path) -> None:
+    # Some LSF versions report an empty queue as "No unfinished job found" with exit 255 instead
+    # of an empty JSON listing: that must not look like an outage (nothing would ever be
+    # submitted on an idle cluster), while any other failure still is one.
+    be = make_backend(make_cfg(tmp_path), lsf_sim)
+    lsf_sim.inject("bjobs", "fail", message="No unfinished job found", exit=255)
+    assert core_run(be.list_jobs()) == {}
+    lsf_sim.inject("bjobs", "fail", message="No unfinished job found\nmbatchd: not responding",
+                   exit=255)
+    with pytest.raises(QueryFailed, match="not responding"):
+        core_run(be.list_jobs())
+
+
 def test_bkill_failure_is_cancel_failed(lsf_sim: LsfSim, tmp_path: Path) -> None:
     be = make_backend(make_cfg(tmp_path), lsf_sim)
     core_run(be.submit(ctr()))

@@ -13,6 +13,7 @@ from dispatcher.lsf.parse import (
     LsfJob,
     LsfOutputError,
     bsub_rejection_is_permanent,
+    is_empty_queue_message,
     parse_bjobs_json,
     parse_bkill,
     parse_bsub_job_id,
@@ -67,6 +68,20 @@ def test_empty_records() -> None:
 
 def test_no_unfinished_job_found_text_is_an_empty_queue() -> None:
     assert parse_bjobs_json("No unfinished job found\n") == {}
+
+
+@pytest.mark.parametrize("stdout, stderr, empty", [
+    ("", "No unfinished job found\n", True),
+    ("", "No job found\n", True),
+    ("No unfinished job found\n", "", True),
+    ("", "", False),
+    ("", "LSF is down. Please wait ...\nNo unfinished job found\n", False),
+    ("", "No unfinished job found for user x\n", False),
+    ('{"COMMAND":"bjobs","JOBS":0,"RECORDS":[]}', "No unfinished job found\n", False),
+])
+def test_empty_queue_message_of_a_failed_bjobs(stdout: str, stderr: str, empty: bool) -> None:
+    # Only the bare message, with nothing else on either stream, means "no jobs".
+    assert is_empty_queue_message(stdout, stderr) is empty
 
 
 def test_jobs_count_mismatch_is_refused() -> None:
