@@ -9,6 +9,9 @@ of the dispatcher and a restarted dispatcher adopts them:
 * ``<uuid>.sh``   — the rendered ``local.sh`` job script (mode 0600: it holds the gateway
   secret; the script never echoes anything);
 * ``<uuid>.log``  — the job's stdout+stderr (crunch-run's own log lines; appended per attempt).
+  crunch-run sends the container's output to the controller, so this is only for debugging a
+  job that failed to start: once a job has ended its log is kept among the ``keep_logs`` most
+  recent ones (an empty log is deleted at once), so the directory does not grow without bound.
 
 Submitting queues a job; it starts as soon as fewer than ``max_jobs`` jobs run (highest desired
 priority first), in a new session so that it outlives the dispatcher. ``list_jobs`` reports the
@@ -46,6 +49,8 @@ log = logging.getLogger("crunchgate.local")
 MARKER_ENV = "CRUNCHGATE_LOCAL_JOB"
 # A "launching" record younger than this may belong to a spawn in progress in another process.
 LAUNCH_GRACE_S = 10.0
+# How many logs of ended jobs stay in the job directory (the most recent ones).
+KEEP_FINISHED_LOGS = 100
 
 
 def _proc_stat(pid: int) -> tuple[str, int] | None:
@@ -93,6 +98,7 @@ class LocalBackend(Backend):
         template: str = "local",
         kill_after_s: float = 300.0,
         start_jobs: bool = True,
+        keep_logs: int = KEEP_FINISHED_LOGS,
     ) -> None:
         self.cfg = cfg
         self.dir = Path(state_dir) / "local-jobs"
@@ -103,6 +109,7 @@ class LocalBackend(Backend):
         self.kill_after_s = kill_after_s
         # False for a backend that only inspects or stops jobs (cleanup tools): never launches.
         self.start_jobs = start_jobs
+        self.keep_logs = max(0, keep_logs)
         self._children: dict[int, subprocess.Popen[bytes]] = {}
         self._wanted: dict[str, int] = {}
 
@@ -143,6 +150,35 @@ class LocalBackend(Backend):
         for suffix in (".job", ".sh"):
             with contextlib.suppress(FileNotFoundError):
                 self._path(uuid, suffix).unlink()
+        self._prune_logs(uuid)
+
+    def _prune_logs(self, ended: str) -> None:
+        """``ended``'s job is gone: drop its log if empty, then keep only the ``keep_logs`` most
+        recent logs of ended jobs (logs of queued or running jobs are never touched)."""
+        log_path = self._path(ended, ".log")
+        try:
+            if log_path.stat().st_size == 0:
+                log_path.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.debug("cannot check %s: %s", log_path, exc)
+        try:
+            finished: list[tuple[float, Path]] = []
+            for path in self.dir.glob("*.log"):
+                if self._path(path.stem, ".job").exists():
+                    continue
+                with contextlib.suppress(FileNotFoundError):
+                    finished.append((path.stat().st_mtime, path))
+        except OSError as exc:
+            log.debug("cannot list job logs in %s: %s", self.dir, exc)
+            return
+        if len(finished) <= self.keep_logs:
+            return
+        finished.sort()
+        for _, path in finished[:len(finished) - self.keep_logs]:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
 
     def _alive(self, rec: Mapping[str, Any]) -> bool:
         pid = int(rec.get("pid") or 0)

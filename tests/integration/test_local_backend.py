@@ -19,10 +19,12 @@ from dispatcher.local.backend import MARKER_ENV, LocalBackend, _proc_stat
 from tests.helpers.core import core_run
 
 ROOT_TOKEN = "local-backend-test-root-token-0123456789"
-# A stand-in for crunch-run: records its UUID argument, stops on SIGTERM, or exits at once
-# when $CG_QUICK is set. $2 is the UUID ($1 is --runtime-engine=...).
+# A stand-in for crunch-run: records its UUID argument, prints a log line (unless $CG_SILENT),
+# stops on SIGTERM, or exits at once when $CG_QUICK is set. $2 is the UUID ($1 is
+# --runtime-engine=...).
 FAKE_CRUNCH_RUN = (
     'echo "start $2 $1" >> "$CG_OUT"; '
+    '[ -z "$CG_SILENT" ] && echo "crunch-run log line of $2"; '
     '[ -n "$CG_QUICK" ] && exit 0; '
     'trap \'echo "term $2" >> "$CG_OUT"; exit 143\' TERM; '
     "while :; do sleep 0.05; done"
@@ -96,7 +98,42 @@ def test_submit_runs_detached_job_and_cancel_sends_sigterm(local_env):
     wait_for(lambda: u not in listed(be))
     assert not script.exists() and not (jobdir / f"{u}.job").exists()
     log_text = (jobdir / f"{u}.log").read_text()
+    assert f"crunch-run log line of {u}" in log_text
     assert ROOT_TOKEN not in log_text and "GatewayAuthSecret" not in log_text
+
+
+def test_logs_of_ended_jobs_are_bounded(local_env):
+    cfg, make, out, jobdir = local_env
+    be = make(env={"CG_QUICK": "1"}, keep_logs=2)
+    ended: list[str] = []
+    for n in range(40, 44):
+        u = uuid(n)
+        core_run(be.submit({"uuid": u}))
+        wait_for(lambda u=u: f"start {u}" in out.read_text() and u not in listed(be))
+        ended.append(u)
+        # mtime order decides which logs stay; make it unambiguous on coarse clocks
+        os.utime(jobdir / f"{u}.log", (1_000_000 + n, 1_000_000 + n))
+    # A running job's log is never pruned, however many ended since it started.
+    slow = make(env={"CG_QUICK": ""}, keep_logs=2)
+    running = uuid(49)
+    core_run(slow.submit({"uuid": running}))
+    wait_for(lambda: f"start {running}" in out.read_text())
+    os.utime(jobdir / f"{running}.log", (1_000_000, 1_000_000))  # the oldest of all
+    u = uuid(45)
+    core_run(be.submit({"uuid": u}))
+    wait_for(lambda: f"start {u}" in out.read_text() and u not in listed(be))
+    ended.append(u)
+    logs = sorted(p.stem for p in jobdir.glob("*.log"))
+    assert logs == sorted([ended[-2], ended[-1], running])
+    assert f"crunch-run log line of {ended[-1]}" in (jobdir / f"{ended[-1]}.log").read_text()
+    # A job that wrote nothing leaves no empty log behind.
+    quiet = make(env={"CG_QUICK": "1", "CG_SILENT": "1"})
+    q = uuid(46)
+    core_run(quiet.submit({"uuid": q}))
+    wait_for(lambda: f"start {q}" in out.read_text() and q not in listed(quiet))
+    assert not (jobdir / f"{q}.log").exists()
+    core_run(slow.cancel(running, listed(slow)[running]))
+    wait_for(lambda: running not in listed(slow))
 
 
 def test_jobs_survive_a_new_backend_instance(local_env):
