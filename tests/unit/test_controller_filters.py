@@ -312,3 +312,43 @@ def test_time_and_like_helpers() -> None:
         parse_time("tomorrow")
     assert like_to_glob("a%b_c") == "a*b?c"
     assert like_to_glob("100\\%*[") == "100%[*][[]"
+
+
+def test_any_contains_array_equality_and_not_equal_synonym(store: Store) -> None:
+    """The rest of Arvados' filter language: ``<>``, ``any`` with (i)like, ``contains`` on
+    array attributes, and whole-array ``=`` / ``!=``."""
+    t = format_time(BASE_TIME.timestamp())
+    _load(store, [
+        {"uuid": "zzzzz-dz642-aaaaaaaaaaaaaaa", "state": "Queued", "created_at": t, "priority": 1,
+         "container_image": "arvados/jobs:Latest", "command": ["echo", "hello"],
+         "output_storage_classes": ["default", "fast"]},
+        {"uuid": "zzzzz-dz642-bbbbbbbbbbbbbbb", "state": "Locked", "created_at": t, "priority": 1,
+         "container_image": "debian:12", "command": ["sleep", "1"],
+         "output_storage_classes": ["default"]},
+    ])
+
+    def run(*flts: list[Any]) -> list[str]:
+        where, params = compile_filters(list(flts), CONTAINER)
+        rows = store._conn.execute(f"SELECT uuid FROM containers WHERE {where} ORDER BY uuid",
+                                   params)
+        return [r[0][-1] for r in rows]
+
+    assert run(["state", "<>", "Queued"]) == ["b"]
+    assert run(["any", "ilike", "%LATEST%"]) == ["a"]
+    assert run(["any", "like", "%LATEST%"]) == []
+    assert run(["any", "like", "%Locked%"]) == ["b"]
+    assert run(["output_storage_classes", "contains", "default"]) == ["a", "b"]
+    assert run(["output_storage_classes", "contains", ["default", "fast"]]) == ["a"]
+    assert run(["output_storage_classes", "contains", "slow"]) == []
+    assert run(["command", "=", ["sleep", "1"]]) == ["b"]
+    assert run(["command", "=", '["echo","hello"]']) == ["a"]
+    assert run(["command", "!=", ["sleep", "1"]]) == ["a"]
+    for bad, message in [
+        (["any", "=", "x"], "use like or ilike"),
+        (["any", "ilike", "foo%"], "starts and ends with %"),
+        (["state", "contains", "x"], "array attributes"),
+        (["command", "contains", 3], "array of strings"),
+        (["command", "=", "echo"], "give an array"),
+    ]:
+        with pytest.raises(FilterError, match=message):
+            compile_filters([bad], CONTAINER)

@@ -13,7 +13,10 @@ Semantics follow the Arvados API server (``lib/record_filters.rb``) where they a
 * ``like`` is case-sensitive (as in PostgreSQL), ``ilike`` folds ASCII case, ``\\`` escapes
   ``%``/``_``;
 * ``hash_attr.key`` filters on a key inside a hash column (``properties.foo``);
-  ``["properties", "exists", "foo"]`` tests a key's presence.
+  ``["properties", "exists", "foo"]`` tests a key's presence;
+* ``<>`` is ``!=``; ``["any", "like"|"ilike", "%text%"]`` matches if any string attribute
+  does; ``["array_attr", "contains", "x"]`` (or a list: all of them) tests array elements, and
+  ``=``/``!=`` compare a whole array (operand a list or its JSON text).
 
 Fields promoted to real columns (:mod:`.models`) compile to the column, so that the hot queries
 use indexes; other fields compile to ``json_extract(doc, '$."field"')``.
@@ -31,7 +34,8 @@ from typing import Any
 from .errors import Unprocessable
 from .models import KIND_INFIX, Resource
 
-OPERATORS = ("=", "!=", "<", "<=", ">", ">=", "like", "ilike", "in", "not in", "exists", "is_a")
+OPERATORS = ("=", "!=", "<>", "<", "<=", ">", ">=", "like", "ilike", "in", "not in", "exists",
+             "is_a", "contains")
 _COMPARE = {"=": "=", "!=": "IS NOT", "<": "<", "<=": "<=", ">": ">", ">=": ">="}
 _ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
 
@@ -204,6 +208,11 @@ def _compile_one(resource: Resource, flt: Any) -> tuple[str, list[Any]]:
             f"Invalid operator {op!r} in filter {list(flt)!r}; use one of {', '.join(OPERATORS)}"
         )
     op = op.lower()
+    if op == "<>":
+        op = "!="
+
+    if name == "any":
+        return _compile_any(resource, op, operand)
 
     if op == "is_a":
         kinds = operand if isinstance(operand, list) else [operand]
@@ -235,6 +244,37 @@ def _compile_one(resource: Resource, flt: Any) -> tuple[str, list[Any]]:
             cond = "IS NOT NULL" if operand else "IS NULL"
             return f"json_type(doc, ?) {cond}", [_json_path(base, key)]
         raise FilterError(f"Invalid attribute {name!r} for operator 'exists' in filters")
+
+    if op == "contains":
+        if attr.type != "array":
+            raise FilterError(
+                f"Invalid attribute {name!r} for operator 'contains' in filters: "
+                "it works on array attributes")
+        wanted = operand if isinstance(operand, list) else [operand]
+        if not wanted or not all(isinstance(w, str) for w in wanted):
+            raise FilterError(
+                f"Invalid operand {operand!r} for 'contains': give a string or an array of strings")
+        cond = (f"EXISTS (SELECT 1 FROM json_each({attr.sql}) "
+                "WHERE json_each.type = 'text' AND json_each.value = ?)")
+        return " AND ".join([cond] * len(wanted)), [
+            p for w in wanted for p in (*attr.params, w)]
+
+    if attr.type == "array" and op in ("=", "!="):
+        value = operand
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except ValueError:
+                value = None
+        if not isinstance(value, list):
+            raise FilterError(
+                f"Invalid operand {operand!r} for {op!r} on array attribute {name!r}: give an "
+                "array (or its JSON text)")
+        text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+        if op == "=":
+            return f"json({attr.sql}) = json(?)", [*attr.params, text]
+        return (f"({attr.sql} IS NULL OR json({attr.sql}) != json(?))",
+                [*attr.params, *attr.params, text])
 
     if attr.type in ("hash", "array"):
         raise FilterError(
@@ -287,6 +327,30 @@ def _compile_one(resource: Resource, flt: Any) -> tuple[str, list[Any]]:
         raise FilterError(f"Invalid operator {op!r} for boolean attribute {name!r}")
     value = _operand(attr, op, operand)
     return f"{attr.sql} {_COMPARE[op]} ?", [*attr.params, value]
+
+
+def _compile_any(resource: Resource, op: str, operand: Any) -> tuple[str, list[Any]]:
+    """``["any", "like"|"ilike", "%text%"]``: true if any string attribute matches (as Arvados,
+    which allows only these operators and a pattern starting and ending with ``%``)."""
+    if op not in ("like", "ilike"):
+        raise FilterError(f"Invalid operator {op!r} for attribute 'any': use like or ilike")
+    if not isinstance(operand, str) or len(operand) < 2 or not (
+            operand.startswith("%") and operand.endswith("%")):
+        raise FilterError(
+            f"Invalid operand {operand!r} for 'any': give a pattern that starts and ends with %")
+    parts: list[str] = []
+    params: list[Any] = []
+    for field_name, ftype in resource.fields.items():
+        if ftype != "string":
+            continue
+        attr = _attr(resource, field_name)
+        if op == "like":
+            parts.append(f"{attr.sql} GLOB ?")
+            params.extend([*attr.params, like_to_glob(operand)])
+        else:
+            parts.append(f"lower({attr.sql}) GLOB ?")
+            params.extend([*attr.params, like_to_glob(ascii_lower(operand))])
+    return ("(" + " OR ".join(parts) + ")") if parts else "0", params
 
 
 def decode_json_param(name: str, value: Any) -> Any:
