@@ -177,7 +177,9 @@ def test_max_dispatch_attempts_from_config(tmp_path: Path) -> None:
 def test_cli_usage_errors(controller_session: ControllerProcess, args: list[str]) -> None:
     import subprocess
 
-    out = subprocess.run(["crunchgate", "controller", *args, "--config",
+    from tests.helpers.controller import _crunchgate_argv
+
+    out = subprocess.run([*_crunchgate_argv(), "controller", *args, "--config",
                           str(controller_session.config_path), "--data",
                           str(controller_session.data_dir)],
                          capture_output=True, text=True, timeout=60, check=False)

@@ -47,7 +47,8 @@ class Stack:
     def __init__(self, tmp: Path, sim: LsfSim, crunchgate: dict[str, Any] | None = None) -> None:
         self.tmp, self.sim = tmp, sim
         self.dispatch_port = free_port()
-        crunch_run = shutil.which("crunch-run") or "crunch-run"
+        # The venv's crunch-run when the venv is not on PATH (pytest run as .venv/bin/pytest).
+        crunch_run = shutil.which("crunch-run") or str(Path(sys.executable).parent / "crunch-run")
         self.ctl: ControllerProcess = start_controller(tmp / "controller", extra_config={
             "Crunchgate": crunchgate or {},
             "Services": {"DispatchLSF": {"InternalURLs": {
