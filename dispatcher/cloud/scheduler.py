@@ -14,6 +14,9 @@ Differences from the reference, on purpose (each tested):
 * With ``MaxInstances`` set, Queued containers are only locked as far as the instances still
   allowed (packed) can hold them; the reference locks them all and unlocks the surplus on the
   next pass, burning a dispatch attempt of each.
+* A Queued container is not locked on the strength of an adopted instance (state unknown)
+  that has not been probed yet: after a restart that instance may well be full of containers
+  (the reference locks, then unlocks on the next pass, burning a dispatch attempt).
 * Reaching ``MaxInstances`` stops instance creation but does not clamp the concurrency limit to
   the number of instances; only a quota error from the cloud does, and then to
   max(instances, running containers) so packed instances keep their work (reference 8.3). For
@@ -353,6 +356,13 @@ class Scheduler:
             fit = self._best_slot(ent, by_type, no_fit)
             available = self._available_type(ent, capacity_memo)
             if state == "Queued":
+                if fit is not None and fit.view.worker_state is State.UNKNOWN:
+                    # An adopted instance not yet probed may be full of containers its first
+                    # probe will report. It counts as capacity (nothing is created for this
+                    # container) but locking on its apparent room would lock now and unlock,
+                    # burning a dispatch attempt, once the probe reports them.
+                    self._allocate(fit, ent, by_type)
+                    continue
                 if fit is None and at_quota:
                     over_quota = ordered[idx:]
                     break

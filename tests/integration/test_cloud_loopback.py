@@ -41,7 +41,10 @@ GiB = 1 << 30
 
 
 def crunch_run_exe() -> str:
-    exe = shutil.which("crunch-run")
+    # The console script sits beside the interpreter running the tests (.venv/bin), whether or
+    # not that directory is on PATH.
+    beside = Path(sys.executable).parent / "crunch-run"
+    exe = str(beside) if os.access(beside, os.X_OK) else shutil.which("crunch-run")
     if exe is None:
         pytest.skip("crunch-run console script not installed")
     return exe
@@ -135,10 +138,14 @@ class CloudCluster:
 
         return asyncio.run(asyncio.wait_for(go(), 60))
 
-    def submit(self, n: int, sleep_s: float = 0.0) -> list[str]:
+    def submit(self, n: int, gate: Path | None = None) -> list[str]:
+        """``n`` containers that each append ``run-<i>`` to ``ran.txt`` (so a second run shows)
+        and then, with ``gate``, wait until that file exists (no timing guesses)."""
         crs = []
         for i in range(n):
-            cmd = f"echo run-$N >> {self.ran}; sleep {sleep_s}"
+            cmd = f"echo run-$N >> {self.ran}"
+            if gate is not None:
+                cmd += f"; while [ ! -e {gate} ]; do sleep 0.2; done"
             crs.append(self.call(lambda c, cmd=cmd, i=i: c.create("container_requests", {
                 "state": "Committed", "priority": 500, "command": ["sh", "-c", cmd],
                 "container_image": "local", "cwd": "/tmp", "output_path": "/tmp",
@@ -244,15 +251,33 @@ def test_ten_containers_run_to_complete_over_ssh(cloud_cluster):
 
 
 def test_kill_9_and_restart_loses_nothing_and_runs_nothing_twice(cloud_cluster):
+    """Reference fault scenario: kill -9 the dispatcher while the instance runs containers.
+    The restarted dispatcher re-adopts the instance (unknown state) and the containers still
+    running on it (``crunch-run --list``), runs the rest, nothing twice, and still shuts the
+    instance down once it is idle."""
     c = cloud_cluster
+    gate = c.work / "gate"
     c.start()
-    uuids = c.submit(6, sleep_s=4)
-    # Wait until some run on the instance, then kill the dispatcher without warning.
-    c.wait(lambda: sum(r["state"] == "Running" for r in c.states(uuids).values()) >= 2, 90,
+    uuids = c.submit(6, gate=gate)
+    # Until the gate opens, running containers stay running: kill while at least two do.
+    c.wait(lambda: len(ran_lines(c)) >= 2
+           and sum(r["state"] == "Running" for r in c.states(uuids).values()) >= 2, 90,
            "containers to start running")
+    first_pid = c.proc.pid if c.proc else 0
     c.kill9()
+    running_before = {u for u, r in c.states(uuids).items() if r["state"] == "Running"}
     assert c.instances_in_state_file(), "the instance must survive the dispatcher"
+    log_size = c.log.stat().st_size
     c.start()
+    assert c.proc is not None and c.proc.pid != first_pid
+    # The new process adopts the instance and finds the containers that are still running.
+    adopted = c.wait(lambda: (lambda items: set(items[0]["running_container_uuids"])
+                              if items and running_before <= set(
+                                  items[0]["running_container_uuids"]) else None)(
+        (c.try_management("/arvados/v1/dispatch/instances") or {}).get("items")), 60,
+        "the restarted dispatcher to adopt the running containers")
+    assert running_before <= adopted
+    gate.touch()
     final = c.wait(lambda: (lambda s: s if all(r["state"] in ("Complete", "Cancelled")
                                                for r in s.values()) else None)(c.states(uuids)),
                    150, "all containers to finish after restart")
@@ -260,7 +285,15 @@ def test_kill_9_and_restart_loses_nothing_and_runs_nothing_twice(cloud_cluster):
     lines = ran_lines(c)
     assert sorted(lines) == sorted(f"run-{i}" for i in range(6)), "a container ran twice or never"
     c.wait(lambda: not c.instances_in_state_file(), 30, "idle instance to be shut down")
-    assert "instance appeared in cloud (state unknown" in c.log.read_text()
+    with open(c.log, "rb") as fh:
+        fh.seek(log_size)
+        after = fh.read().decode(errors="replace")
+    assert "instance appeared in cloud (state unknown" in after
+    assert after.count("crunch-run process detected") >= len(running_before)
+    assert "shutdown worker (state idle" in after
+    # The queued ones were not locked on the adopted instance's apparent room and then
+    # unlocked (a dispatch attempt burned) once its probe showed it full.
+    assert "unlock because pool capacity" not in after
 
 
 # --- the SSH executor against a real sshd ------------------------------------------------------

@@ -68,6 +68,7 @@ class Sim:
         self.start_commands: list[str] = []
         self.stdin_configs: list[dict[str, Any]] = []
         self.double_runs = 0
+        self.all_vms: list[StubVM] = []
 
     # --- misbehaviour ------------------------------------------------------------------------
 
@@ -84,6 +85,7 @@ class Sim:
         return None
 
     def new_vm(self, vm: StubVM) -> None:
+        self.all_vms.append(vm)
         if not self.misbehave:
             return
         if vm.instance_type.name == "type4" and self.type4_broken > 0:
@@ -234,6 +236,9 @@ def test_dispatch_to_misbehaving_stub_cloud():
     assert sample(sim, m + "last_503_time") > 0
     assert sample(sim, m + "instances_time_to_ssh_seconds_count") > 0
     assert sample(sim, m + "containers_time_from_queue_to_crunch_run_seconds_count") > 0
+    # Every remote command (probes, deploy, start, kill) was given a timeout (reference 8.3).
+    timeouts = [t for vm in sim.all_vms for t in vm.timeouts]
+    assert len(timeouts) > 1000 and None not in timeouts
     # The cloud's capacity errors for type6 never produced a type6 instance.
     assert not [o for o in sim.iset.ops if o == ("Create", "type6")]
 

@@ -175,3 +175,42 @@ def test_cli_instances_table_tsv_and_actions(capsys):
         assert await asyncio.to_thread(cloud_cli.instance_action, disp.cfg, "run", [], "") == 2
 
     run(disp, body)
+
+
+def test_kill_container_and_form_body_parameters(caplog):
+    """POST /containers/kill starts the kill sequence of a running container (200, empty body,
+    the reason logged as "via management API: ..."); parameters may come in a form body."""
+    disp = Disp()
+
+    async def body(base):
+        disp.pool.create(itype(1))
+        await disp.pool.settle()
+        await disp.pool.probe_all(wait=True)
+        (iid,) = disp.pool.workers
+        uuid = "zzzzz-dz642-000000000000001"
+        assert disp.pool.start_container(iid, {"uuid": uuid})
+        await disp.pool.settle()
+        vm = disp.iset.vms[iid]
+        assert uuid in vm.procs
+        async with aiohttp.ClientSession() as s, s.post(
+                base + "/arvados/v1/dispatch/containers/kill",
+                headers={"Authorization": f"Bearer {TOKEN}"},
+                data={"container_uuid": uuid, "reason": "stuck"}) as r:
+            assert r.status == 200 and await r.read() == b""
+        await disp.pool.settle()
+        assert uuid not in vm.procs
+        assert any(c.endswith(f"--kill 15 {uuid}") for c in vm.commands)
+        # Now it runs nowhere: 404.
+        status, data = await call(base, "POST", "/arvados/v1/dispatch/containers/kill",
+                                  params={"container_uuid": uuid})
+        assert (status, data) == (404, {"errors": ["container not found"]})
+        async with aiohttp.ClientSession() as s, s.post(
+                base + "/arvados/v1/dispatch/instances/drain",
+                headers={"Authorization": f"Bearer {TOKEN}"},
+                data={"instance_id": iid}) as r:
+            assert r.status == 200
+        assert disp.pool.workers[iid].idle_behavior.value == "drain"
+
+    with caplog.at_level("INFO", logger="crunchgate.cloud"):
+        run(disp, body)
+    assert "via management API: stuck" in caplog.text

@@ -366,3 +366,122 @@ def test_max_cloud_ops_per_second_paces_driver_calls():
     # Five list calls at 10 per second: the last waits 0.4 s after the first.
     assert abs(run(go()) - 0.4) < 1e-6
     assert iset.list_calls == 5
+
+
+def test_destroy_retried_after_timeout_shutdown_while_still_listed():
+    clock = FakeClock()
+    failures = [1]
+
+    def destroy_error(vm):
+        if failures[0]:
+            failures[0] -= 1
+            return RuntimeError("provider hiccup")
+        return None
+
+    iset = StubInstanceSet(clock, destroy_error=destroy_error)
+
+    async def go():
+        pool = new_pool(iset, clock, timeout_shutdown_s=10)
+        pool.create(itype(1))
+        await pool.settle()
+        (wid,) = pool.workers
+        assert pool.shutdown(wid)
+        await pool.settle()
+        destroys = lambda: [o for o in iset.ops if o[0] == "Destroy"]  # noqa: E731
+        assert len(destroys()) == 1 and wid in iset.vms       # the first destroy failed
+        clock.advance(5)
+        await pool.sync()                                      # still listed, < TimeoutShutdown
+        await pool.settle()
+        assert len(destroys()) == 1
+        clock.advance(6)
+        await pool.sync()                                      # > TimeoutShutdown: retry
+        await pool.settle()
+        assert len(destroys()) == 2 and wid not in iset.vms
+        await pool.sync()
+        assert wid not in pool.workers
+        return pool
+
+    pool = run(go())
+    assert pool.metrics.registry.get_sample_value(
+        "arvados_dispatchcloud_driver_operations", {"operation": "Destroy", "error": "1"}) == 1
+
+
+def test_max_concurrent_creates_frees_the_slot_without_extra_holdoff():
+    """MaxConcurrentInstanceCreateOps: refused while the limit is in flight, allowed again as
+    soon as a create returns (the reference adds a fixed 5 s hold-off here)."""
+    clock = FakeClock()
+    iset = StubInstanceSet(clock)
+
+    async def go():
+        pool = new_pool(iset, clock, max_concurrent_instance_create_ops=1)
+        t0 = clock.now()
+        assert pool.create(itype(1)) is not None
+        assert pool.create(itype(1)) is None
+        await pool.settle()
+        assert clock.now() == t0
+        assert pool.create(itype(1)) is not None
+        await pool.settle()
+        return len(pool.workers)
+
+    assert run(go()) == 2
+
+
+def test_zero_durations_fall_back_to_reference_defaults():
+    clock = FakeClock()
+    pool = new_pool(StubInstanceSet(clock), clock, sync_interval_s=0, probe_interval_s=0,
+                    timeout_idle_s=0, timeout_booting_s=0, timeout_probe_s=0,
+                    timeout_shutdown_s=0, timeout_term_s=0, timeout_signal_s=0,
+                    timeout_stale_run_lock_s=0, max_probes_per_second=0)
+    assert (pool.sync_interval_s, pool.probe_interval_s, pool.timeout_idle_s,
+            pool.timeout_booting_s, pool.timeout_probe_s, pool.timeout_shutdown_s,
+            pool.timeout_term_s, pool.timeout_signal_s, pool.timeout_stale_run_lock_s,
+            pool.max_probes_per_second) == (60, 10, 60, 600, 600, 10, 120, 5, 5, 10)
+
+
+def test_max_probes_per_second_paces_probe_starts():
+    clock = FakeClock()
+    iset = StubInstanceSet(clock)
+
+    async def go():
+        pool = new_pool(iset, clock, max_probes_per_second=4)
+        for _ in range(6):
+            pool.create(itype(1))
+        await pool.settle()
+        start = clock.now()
+        await pool.probe_all()
+        return clock.now() - start
+
+    assert abs(run(go()) - 6 / 4) < 1e-6
+
+
+def test_every_remote_command_has_a_timeout_and_a_hung_probe_cannot_block():
+    """Reference 8.3: no timeout on SSH commands meant a hung probe blocked that worker's
+    probes (and so its probe-failure timeout) forever. Here each command times out; the worker
+    keeps being probed and is shut down TimeoutProbe after its last good probe."""
+    clock = FakeClock()
+    iset = StubInstanceSet(clock)
+
+    async def go():
+        pool = new_pool(iset, clock, timeout_probe_s=60, probe_interval_s=10)
+        pool.create(itype(1))
+        await pool.settle()
+        await pool.probe_all(wait=True)
+        (wid,) = pool.workers
+        wkr = pool.workers[wid]
+        assert wkr.state is State.IDLE
+        pool.start_container(wid, {"uuid": "zzzzz-dz642-000000000000001"})
+        await pool.settle()
+        vm = iset.vms[wid]
+        vm.hangs = True
+        rounds = 0
+        while wkr.state is not State.SHUTDOWN:
+            rounds += 1
+            assert rounds < 20, "a hung worker was never shut down"
+            await pool.probe_all(wait=True)
+            assert not wkr.probing           # the hung probe ended (timed out)
+        elapsed = clock.now() - wkr.probed
+        assert 60 <= elapsed < 60 + 2 * pool.probe_timeout_s
+        return vm
+
+    vm = run(go())
+    assert vm.timeouts and all(t is not None and 0 < t <= 300 for t in vm.timeouts), vm.timeouts

@@ -463,3 +463,33 @@ def test_nothing_happens_before_the_first_cloud_listing():
     pool.loaded = True
     run_pass(sch)
     assert (U(1), "Running", "Cancelled") in q.changes and pool.creates == ["type1"]
+
+
+def test_queued_not_locked_on_unprobed_adopted_instance():
+    """After a restart the adopted (unknown) instance may be full: no lock until its probe has
+    told, so no lock-then-unlock burns a dispatch attempt; and nothing is created meanwhile."""
+    it = itype(4)
+    q = StubQueue()
+    for i in (5, 6):
+        q.add(make_ent(i, "Queued", menu=[it], factor=1.0))
+    pool = StubPool(views=[view("i4", it, State.UNKNOWN)], quota=1)
+    sch = new_sched(q, pool, [it], max_instances=1)
+    run_pass(sch)
+    assert q.changes == [] and pool.creates == []
+    # The probe reports four 1-VCPU containers the previous process started: full.
+    running = [U(i) for i in range(1, 5)]
+    for i in range(1, 5):
+        q.add(make_ent(i, "Running", menu=[it], factor=1.0))
+        pool.run[U(i)] = 0.0
+    pool.views[0].worker_state = State.RUNNING
+    pool.views[0].running_container_uuids = list(running)
+    run_pass(sch, passes=3)
+    assert q.changes == [] and pool.creates == [] and pool.starts == []
+    # Two of them finish: the two Queued ones are locked (once) and started there.
+    for u in running[:2]:
+        del pool.run[u]
+        q.ents[u].container["state"] = "Complete"
+        pool.views[0].running_container_uuids.remove(u)
+    run_pass(sch, passes=2)
+    assert q.changes == [(U(6), "Queued", "Locked"), (U(5), "Queued", "Locked")]
+    assert sorted(pool.starts) == [U(5), U(6)]

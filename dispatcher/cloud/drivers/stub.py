@@ -3,8 +3,8 @@
 :class:`StubInstanceSet` is a driver; each :class:`StubVM` understands the commands the pool
 sends (boot probe, ``md5sum``/deploy, ``crunch-run --list/--detach/--kill``, the instance-secret
 ``cat``) through :class:`StubExecutor`, without any SSH. Knobs on a VM make it boot slowly,
-fail probes, report ``broken``, leave stale locks, refuse to die, or be unreachable; knobs on the
-set inject quota, capacity and rate-limit errors at the driver boundary.
+fail probes, report ``broken``, leave stale locks, refuse to die, hang, or be unreachable;
+knobs on the set inject quota, capacity and rate-limit errors at the driver boundary.
 
 What "running a container" means is up to the test: ``on_start(vm, uuid, config)`` is called on
 every ``--detach``; the test ends the process with :meth:`StubVM.finish`.
@@ -54,10 +54,12 @@ class StubVM:
     unkillable: bool = False            # --kill exits 1
     crash_on_start: bool = False        # --detach "succeeds" but the process is gone at once
     deploy_fails: bool = False
+    hangs: bool = False                 # every command hangs until the caller's timeout
     address: str = "10.0.0.1"
     remote_user: str = "root"
     procs: dict[str, StubProc] = field(default_factory=dict)
     commands: list[str] = field(default_factory=list)
+    timeouts: list[float | None] = field(default_factory=list)   # timeout_s of each command
     deployed: dict[str, bytes] = field(default_factory=dict)
     destroyed: bool = False
 
@@ -199,6 +201,15 @@ class StubExecutor(Executor):
         if vm is None or vm.unreachable:
             raise ExecError("dial tcp: connection refused", connect_failed=True)
         vm.commands.append(cmd)
+        vm.timeouts.append(timeout_s)
+        if vm.hangs:
+            # A hung remote command: only the caller's timeout ends it (None = forever).
+            if timeout_s is None:
+                import asyncio
+
+                await asyncio.Event().wait()
+            await self.set.clock.sleep(float(timeout_s or 0))
+            raise ExecError(f"{cmd.split()[0]}: timed out after {timeout_s}s", timed_out=True)
         out, err, status = self._run(vm, cmd, stdin or b"")
         if status != 0:
             raise ExecError(f"{cmd.split()[0]}: exit status {status}", exit_status=status,
