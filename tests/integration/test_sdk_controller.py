@@ -179,3 +179,76 @@ def test_legacy_form_client_and_method_override(controller_session: ControllerPr
     assert [i["uuid"] for i in listed["items"]] == [uuid]
     cancelled = call("PUT", f"containers/{uuid}", {"container": '{"state":"Cancelled"}'})
     assert cancelled["state"] == "Cancelled" and cancelled["finished_at"]
+
+
+def test_sdk_site_admin_tour(controller_session: ControllerProcess) -> None:
+    """What a site admin tries first with the real SDK: who am I, priorities flowing from
+    requests to containers, list parameters, and every lock/unlock refusal."""
+    ctl = controller_session
+    user_token = ctl.add_user("sdk-tour")
+    api_user, api_root = ctl.api(user_token), ctl.api()
+    api_admin2 = ctl.api(ctl.add_user("sdk-tour-admin", admin=True))
+
+    me = api_user.users().current().execute()
+    assert me["username"] == "sdk-tour" and me["is_admin"] is False
+    assert api_root.users().current().execute()["is_admin"] is True
+    tok = api_user.api_client_authorizations().current().execute()
+    assert tok["uuid"] == user_token.split("/")[1] and tok["owner_uuid"] == me["uuid"]
+    assert "api_token" not in tok or tok["api_token"] != user_token.split("/")[2]
+    assert api_root.api_client_authorizations().current().execute()["uuid"] == \
+        "zzzzz-gj3su-000000000000000"
+
+    tag = me["uuid"][-10:]
+    crs = [_cr(api_user, command=["echo", "tour", tag, str(i)], priority=1) for i in range(3)]
+    uuids = [cr["container_uuid"] for cr in crs]
+    before = api_user.containers().get(uuid=uuids[0]).execute()["priority"]
+    up = api_user.container_requests().update(
+        uuid=crs[0]["uuid"], body={"container_request": {"priority": 500}}).execute()
+    assert up["priority"] == 500
+    after = api_user.containers().get(uuid=uuids[0]).execute()["priority"]
+    assert after > before and after // 2**50 == 499  # 500 * 2^50 - created_at (ms)
+
+    # list parameters: order, select, limit, offset, count
+    flt = [["command", "contains", tag], ["state", "=", "Queued"]]
+    page = api_root.containers().list(filters=flt, order=["priority desc"],
+                                      select=["uuid", "priority"], limit=2, offset=0,
+                                      count="exact").execute()
+    assert page["items_available"] == 3 and page["limit"] == 2 and page["offset"] == 0
+    assert page["items"][0]["uuid"] == uuids[0]
+    assert set(page["items"][0]) == {"uuid", "priority", "kind"}
+    rest = api_root.containers().list(filters=flt, order=["priority desc"], limit=2, offset=2,
+                                      count="none").execute()
+    assert len(rest["items"]) == 1 and "items_available" not in rest
+    assert {i["uuid"] for i in page["items"] + rest["items"]} == set(uuids)
+    requests = api_user.container_requests().list(
+        filters=[["container_uuid", "in", uuids]], order=["created_at asc"]).execute()
+    assert [r["uuid"] for r in requests["items"]] == [cr["uuid"] for cr in crs]
+
+    # lock / unlock refusals
+    target = uuids[1]
+    with pytest.raises(HttpError) as err:
+        api_user.containers().lock(uuid=target).execute()
+    assert err.value.resp.status == 403
+    with pytest.raises(HttpError) as err:
+        api_root.containers().unlock(uuid=target).execute()
+    assert err.value.resp.status == 422 and "cannot unlock when Queued" in err.value.content.decode()
+    assert api_root.containers().lock(uuid=target).execute()["state"] == "Locked"
+    with pytest.raises(HttpError) as err:
+        api_admin2.containers().unlock(uuid=target).execute()
+    assert err.value.resp.status == 403
+    with pytest.raises(HttpError) as err:
+        api_admin2.containers().lock(uuid=target).execute()
+    assert err.value.resp.status == 422 and "cannot lock when Locked" in err.value.content.decode()
+    unlocked = api_root.containers().unlock(uuid=target).execute()
+    assert unlocked["state"] == "Queued" and unlocked["locked_by_uuid"] is None
+    assert api_root.containers().get(uuid=target).execute()["lock_count"] == 1
+    idle = ctl.create_container(command=["echo", "nobody wants me", tag], priority=0)
+    with pytest.raises(HttpError) as err:
+        api_root.containers().lock(uuid=idle["uuid"]).execute()
+    assert err.value.resp.status == 422 and "priority" in err.value.content.decode()
+
+    # cancel through the request: priority 0 -> the container is Cancelled, the request Final
+    api_user.container_requests().update(
+        uuid=crs[2]["uuid"], body={"container_request": {"priority": 0}}).execute()
+    assert api_user.containers().get(uuid=uuids[2]).execute()["state"] == "Cancelled"
+    assert api_user.container_requests().get(uuid=crs[2]["uuid"]).execute()["state"] == "Final"
