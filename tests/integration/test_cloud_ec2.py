@@ -76,6 +76,10 @@ def new_pool(moto: MotoInfo, set_id: str, *, clock: Clock | None = None, **p: An
     return pool, iset, metrics
 
 
+def tag_dict(tags: list[dict[str, str]]) -> dict[str, str]:
+    return {t["Key"]: t["Value"] for t in tags}
+
+
 def described(moto: MotoInfo, set_id: str) -> list[dict[str, Any]]:
     out = []
     for r in ec2(moto).describe_instances(Filters=[{"Name": "tag:ArvadosInstanceSetID",
@@ -88,8 +92,14 @@ def test_create_find_after_restart_and_destroy_when_idle(cloud_moto):
     set_id = "set-restart"
     clock = FakeClock()
 
+    sent: list[dict[str, Any]] = []
+
     async def first() -> None:
         pool, iset, metrics = new_pool(cloud_moto, set_id, clock=clock)
+        # What the real SDK sends to the (moto) endpoint, for what moto does not keep.
+        iset.client.meta.events.register(
+            "provide-client-params.ec2.RunInstances",
+            lambda params, **_: sent.append(dict(params)))
         assert pool.create(SMALL) is not None
         assert pool.create(SPOT) is not None
         await pool.settle()
@@ -102,12 +112,11 @@ def test_create_find_after_restart_and_destroy_when_idle(cloud_moto):
     asyncio.run(first())
     insts = described(cloud_moto, set_id)
     assert len(insts) == 2
-    by_type = {i["Tags"][0]["Value"] if False else
-               {t["Key"]: t["Value"] for t in i["Tags"]}["ArvadosInstanceType"]: i for i in insts}
+    by_type = {tag_dict(i["Tags"])["ArvadosInstanceType"]: i for i in insts}
     small, spot = by_type["small"], by_type["small.preemptible"]
     assert small["InstanceType"] == "m5.large" and spot["InstanceType"] == "m5.large"
     assert spot.get("InstanceLifecycle") == "spot" and small.get("InstanceLifecycle") != "spot"
-    tags = {t["Key"]: t["Value"] for t in small["Tags"]}
+    tags = tag_dict(small["Tags"])
     assert tags["ArvadosInstanceSetID"] == set_id and tags["ArvadosIdleBehavior"] == "run"
     assert len(tags["ArvadosInstanceSecret"]) == 40
     assert small["KeyName"].startswith("arvados-dispatch-keypair-")
@@ -116,6 +125,24 @@ def test_create_find_after_restart_and_destroy_when_idle(cloud_moto):
                                                      Attribute="userData")
     script = base64.b64decode(ud["UserData"]["Value"]).decode()
     assert script.startswith("#!/bin/sh\numask 0177 && echo -n \"" + tags["ArvadosInstanceSecret"])
+    # IMDSv2 only, no public address, AddedScratch as a 20 GiB gp2 volume on /dev/xvdt.
+    for inst in (small, spot):
+        assert inst["MetadataOptions"]["HttpTokens"] == "required"
+        assert not inst.get("PublicIpAddress")
+    (vol,) = ec2(cloud_moto).describe_volumes(Filters=[
+        {"Name": "attachment.instance-id", "Values": [small["InstanceId"]]},
+        {"Name": "attachment.device", "Values": ["/dev/xvdt"]}])["Volumes"]
+    assert (vol["Size"], vol["VolumeType"]) == (20, "gp2")
+    # Spot options as sent: one-time, terminate on interruption, the type's Price as max price.
+    by_name = {tag_dict(p["TagSpecifications"][0]["Tags"])["ArvadosInstanceType"]: p
+               for p in sent}
+    assert by_name["small.preemptible"]["InstanceMarketOptions"] == {
+        "MarketType": "spot",
+        "SpotOptions": {"InstanceInterruptionBehavior": "terminate",
+                        "SpotInstanceType": "one-time", "MaxPrice": "0.050000"}}
+    assert "InstanceMarketOptions" not in by_name["small"]
+    assert by_name["small"]["InstanceInitiatedShutdownBehavior"] == "terminate"
+    assert by_name["small"]["NetworkInterfaces"][0]["AssociatePublicIpAddress"] is False
 
     async def after_restart() -> None:
         # A new dispatcher process: same InstanceSetID, fresh pool and SDK client.
@@ -212,6 +239,17 @@ def test_quota_capacity_throttle_and_subnet_failover(cloud_moto):
         assert pool.at_capacity(BIG) and not pool.at_capacity(SMALL)
         assert pool.create(BIG) is None
         inject.by_type.clear()
+
+        # vCPU limit: the whole quota group (m5 and c5 are both "standard") is held off, the
+        # spot group ("standard-spot") is not.
+        inject.codes = ["VcpuLimitExceeded"]
+        n = len(pool.workers)
+        pool.create(SMALL)
+        await pool.settle()
+        assert len(pool.workers) == n
+        assert pool.at_capacity(SMALL) and pool.at_capacity(BIG) and not pool.at_capacity(SPOT)
+        assert pool.create(SMALL) is None
+        pool.at_capacity_until.clear()     # (the 1-minute hold-off, cut short for the test)
 
         # Throttling: creates are suspended until the provider's earliest retry.
         inject.codes = ["RequestLimitExceeded"]

@@ -120,3 +120,111 @@ def test_instance_set_validates_parameters():
     assert iset.subnet_id.endswith("/virtualNetworks/net/subnets/sn")
     spot = InstanceType(name="a", provider_type="Standard_D2s_v3", preemptible=True)
     assert iset.instance_quota_group(spot) == "Standard_D2s_v3-spot"
+
+
+class FakePoller:
+    def __init__(self, value):
+        self.value = value
+
+    def result(self):
+        return self.value
+
+
+class FakeOps:
+    """Stands in for the SDK's operation groups; records calls, answers with REST dicts."""
+
+    def __init__(self, calls: list, kind: str, store: dict, fail=None) -> None:
+        self.calls, self.kind, self.store, self.fail = calls, kind, store, fail
+
+    def begin_create_or_update(self, rg, name, body):
+        self.calls.append((self.kind, "create", rg, name))
+        if self.fail is not None:
+            raise self.fail
+        rec = {**body, "name": name, "id": f"/{self.kind}/{name}"}
+        if self.kind == "nic":
+            ipc = rec["properties"]["ipConfigurations"][0]
+            ipc["properties"]["privateIPAddress"] = "10.1.2.3"
+        self.store[name] = rec
+        return FakePoller(rec)
+
+    def begin_update(self, rg, name, body):
+        self.calls.append((self.kind, "update", rg, name))
+        self.store[name]["tags"] = body["tags"]
+        return FakePoller(self.store[name])
+
+    def begin_delete(self, rg, name):
+        self.calls.append((self.kind, "delete", rg, name))
+        self.store.pop(name, None)
+        return FakePoller(None)
+
+    def list(self, rg):
+        return list(self.store.values())
+
+
+def fake_sdk(iset: AzureInstanceSet, fail=None) -> list:
+    calls: list = []
+    vms: dict = {}
+    nics: dict = {}
+
+    class Compute:
+        virtual_machines = FakeOps(calls, "vm", vms, fail)
+
+    class Network:
+        network_interfaces = FakeOps(calls, "nic", nics)
+
+    iset._compute, iset._network = Compute(), Network()
+    return calls
+
+
+def test_create_list_tag_destroy_through_the_sdk_surface():
+    """The driver's few SDK calls, offline: NIC then VM named compute-<set>-<random>, both
+    tagged (plus created-at); listing keeps our prefix and tags and maps the NIC's private IP;
+    set_tags and destroy go to the VM."""
+    import asyncio
+
+    iset = AzureInstanceSet(ClusterConfig(), "abc", PARAMS)
+    calls = fake_sdk(iset)
+    it = InstanceType(name="d2", provider_type="Standard_D2s_v3", vcpus=2, ram=8 << 30,
+                      price=0.1)
+    tags = {"ArvadosInstanceSetID": "abc", "ArvadosInstanceType": "d2"}
+
+    async def go():
+        inst = await iset.create(it, "/img/1", tags, "echo hi", "ssh-ed25519 AAA k")
+        # Someone else's VM in the same resource group, and one of ours with other tags.
+        iset._compute.virtual_machines.store["other-vm"] = {"name": "other-vm", "tags": tags}
+        listed = await iset.instances(tags)
+        assert [i.id for i in listed] == [inst.id]
+        assert await iset.instances({"ArvadosInstanceSetID": "zzz"}) == []
+        await listed[0].set_tags({**tags, "ArvadosIdleBehavior": "hold"})
+        await listed[0].destroy()
+        return inst, listed[0]
+
+    inst, again = asyncio.run(go())
+    assert inst.id.startswith("compute-abc-") and inst.address == "10.1.2.3"
+    assert again.address == "10.1.2.3" and again.provider_type == "Standard_D2s_v3"
+    assert again.remote_user == "crunch"
+    assert [c[:2] for c in calls] == [("nic", "create"), ("vm", "create"), ("vm", "update"),
+                                      ("vm", "delete")]
+    assert calls[0][3] == inst.id + "-nic" and calls[1][3] == inst.id
+    assert all(c[2] == "rg" for c in calls)
+    assert "created-at" in inst.tags and inst.tags["ArvadosInstanceSetID"] == "abc"
+    assert again.tags["ArvadosIdleBehavior"] == "hold"
+
+
+def test_sdk_errors_come_out_classified():
+    import asyncio
+
+    iset = AzureInstanceSet(ClusterConfig(), "abc", PARAMS)
+    exc = HttpResponseError(message="Operation could not be completed as it results in "
+                                    "exceeding approved standardDSv3Family Cores quota")
+    exc.status_code = 409
+
+    class Err:
+        code = "QuotaExceeded"
+        message = str(exc.message)
+
+    exc.error = Err()
+    fake_sdk(iset, fail=exc)
+    it = InstanceType(name="d2", provider_type="Standard_D2s_v3", vcpus=2, ram=8 << 30)
+    with pytest.raises(QuotaError, match="QuotaExceeded"):
+        asyncio.run(iset.create(it, "/img/1", {}, "", None))
