@@ -97,14 +97,15 @@ class LsfBackend(Backend):
     def check_constraints(self, ctr: Mapping[str, Any]) -> None:
         """Refuse a container no configured instance type can hold (reference 4.2 step 2a).
 
-        With no ``InstanceTypes`` configured nothing is checked (LSF decides).
+        Raises :class:`~dispatcher.core.sizing.ConstraintsNotSatisfiable`: the loop cancels the
+        container with its bare reason in ``runtime_status.error`` (exactly the reference's
+        ``constraints not satisfiable by any configured instance type``) and the configured
+        types in ``errorDetail``. With no ``InstanceTypes`` nothing is checked (LSF decides).
         """
         try:
             sizing.choose_instance_type(self.cfg, ctr)
         except sizing.InstanceTypesNotConfigured:
             return
-        except sizing.ConstraintsNotSatisfiable as exc:
-            raise SubmitFailed(exc.message, permanent=True) from None
 
     async def submit(self, ctr: Mapping[str, Any]) -> None:
         uuid = str(ctr.get("uuid") or "")

@@ -12,6 +12,7 @@ import pytest
 from dispatcher.config import ClusterConfig, InstanceType
 from dispatcher.core.backend import CancelFailed, Job, QueryFailed, SubmitFailed
 from dispatcher.core.jobscript import gateway_auth_secret
+from dispatcher.core.sizing import ConstraintsNotSatisfiable
 from dispatcher.lsf.backend import LsfBackend
 from dispatcher.lsf.commands import LsfCLI
 from tests.helpers.core import core_run
@@ -108,10 +109,10 @@ def test_unsatisfiable_container_is_never_submitted(lsf_sim: LsfSim, tmp_path: P
     cfg.instance_types = {"biggest_available_node": InstanceType(
         name="biggest_available_node", vcpus=4, ram=100 * GiB, included_scratch=100 * GiB)}
     be = make_backend(cfg, lsf_sim)
-    with pytest.raises(SubmitFailed) as ei:
+    with pytest.raises(ConstraintsNotSatisfiable) as ei:
         core_run(be.submit(ctr(ram=1_000_000_000_000)))
-    assert ei.value.permanent
     assert ei.value.message == "constraints not satisfiable by any configured instance type"
+    assert [t.name for t in ei.value.available_types] == ["biggest_available_node"]
     assert lsf_sim.calls("bsub") == []
     core_run(be.submit(ctr(ram=1_000_000_000)))  # fits: submitted
     assert len(lsf_sim.calls("bsub")) == 1

@@ -130,6 +130,8 @@ def test_submit(lsf_sim_factory, tmp_path: Path, error_rate: float) -> None:  # 
     assert s.bsub_args(too_big) == []
     assert c[too_big]["runtime_status"]["error"] == \
         "constraints not satisfiable by any configured instance type"
+    # ...and, beyond the reference, what would have fit.
+    assert 'Type "biggest_available_node": 4 VCPUs' in c[too_big]["runtime_status"]["errorDetail"]
     # %%J arrives as %J
     out = ["-o", f"{tmp_path}/crunch-run.%J.out", "-e", f"{tmp_path}/crunch-run.%J.err"]
     assert s.bsub_args(queued)[-1] == out + [
