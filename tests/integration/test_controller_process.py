@@ -204,3 +204,30 @@ def test_controller_hosts_the_tunnel_broker(controller_session: ControllerProces
     # The broker's routes are mounted: the pre-POST shell endpoint answers 410 as in Arvados.
     status, _ = ctl.request("GET", "arvados/v1/connect/zzzzz-dz642-000000000000000/ssh")
     assert status == 410
+
+
+def test_configured_tls_certificate_is_served(tmp_path: Path) -> None:
+    """With ``TLS.Certificate``/``TLS.Key`` (Arvados' keys, ``file://`` form accepted) the
+    controller serves that certificate and generates none; clients trusting its CA verify it,
+    and the real SDK works with ``insecure=True``."""
+    import ssl
+
+    from dispatcher.arvados.controller.tls import ensure_dev_certs
+
+    site = ensure_dev_certs(tmp_path / "site-pki", ["127.0.0.1"])
+    ctl = start_controller(tmp_path / "ctl", extra_config={"TLS": {
+        "Certificate": f"file://{site.cert}", "Key": str(site.key), "Insecure": False}})
+    try:
+        assert not (ctl.data_dir / "tls").exists()  # nothing generated
+        ctx = ssl.create_default_context(cafile=str(site.ca_cert))
+        with urllib.request.urlopen(f"{ctl.url}/discovery/v1/apis/arvados/v1/rest",
+                                    context=ctx, timeout=10) as resp:
+            assert resp.status == 200
+        untrusting = ssl.create_default_context(cafile=str(ensure_dev_certs(
+            tmp_path / "other-pki", ["127.0.0.1"]).ca_cert))
+        with pytest.raises(urllib.error.URLError, match="CERTIFICATE_VERIFY_FAILED"):
+            urllib.request.urlopen(f"{ctl.url}/discovery/v1/apis/arvados/v1/rest",
+                                   context=untrusting, timeout=10)
+        assert ctl.api().users().current().execute()["is_admin"] is True
+    finally:
+        ctl.stop()
