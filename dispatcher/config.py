@@ -44,7 +44,15 @@ GiB = 1 << 30
 
 
 class ConfigError(ValueError):
-    """The config file is malformed: message names the key path and the bad value."""
+    """The config file is malformed: message names the key path and the bad value.
+
+    ``problems`` lists every problem found (one line each; the message joins them), so that
+    ``crunchgate config check`` reports all bad keys of a file at once, not one per run.
+    """
+
+    def __init__(self, message: str, problems: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.problems = list(problems) if problems else [message]
 
 
 def key(arv: str, default: Any = None, *, kind: str | None = None, factory: Any = None) -> Any:
@@ -576,6 +584,9 @@ class _Loader:
 
     def __init__(self) -> None:
         self.warnings: list[str] = []
+        # Problems found so far: a bad key is recorded and the walk goes on with its default,
+        # so that one run reports every bad key.
+        self.errors: list[str] = []
 
     def warn(self, message: str) -> None:
         self.warnings.append(message)
@@ -599,19 +610,20 @@ class _Loader:
             if f is None:
                 if name in _ACCEPTED_UNUSED.get(cls, ()):
                     continue
-                raise _unknown_key(path, name, fields)
+                self.errors.append(str(_unknown_key(path, name, fields)))
+                continue
             if value is None:
                 continue  # "Key:" with nothing after it keeps the default, as in Arvados
             try:
                 kwargs[f.name] = self.value(hints[f.name], f.metadata.get("kind"), value,
                                             f"{path}.{name}")
-            except ConfigError:
-                if name not in SECRET_KEYS:
-                    raise
-                # The usual message quotes the value: never for a secret.
-                raise ConfigError(
-                    f"{path}.{name}: expected a string (value not shown: it is a secret)"
-                ) from None
+            except ConfigError as exc:
+                if name in SECRET_KEYS:
+                    # The usual message quotes the value: never for a secret.
+                    self.errors.append(
+                        f"{path}.{name}: expected a string (value not shown: it is a secret)")
+                else:
+                    self.errors.extend(exc.problems)
         return cls(**kwargs)
 
     def value(self, tp: Any, kind: str | None, value: Any, path: str) -> Any:
@@ -771,9 +783,14 @@ def parse_config(data: Any, cluster_id: str | None = None) -> ClusterConfig:
     instance_types_raw = raw.pop("InstanceTypes", None)
     cfg: ClusterConfig = loader.build(ClusterConfig, raw, path)
     cfg.cluster_id = cluster_id
-    cfg.instance_types = loader.instance_types(
-        instance_types_raw, f"{path}.InstanceTypes", cfg.containers.preemptible_price_factor
-    )
+    try:
+        cfg.instance_types = loader.instance_types(
+            instance_types_raw, f"{path}.InstanceTypes", cfg.containers.preemptible_price_factor
+        )
+    except ConfigError as exc:
+        loader.errors.extend(exc.problems)
+    if loader.errors:
+        raise ConfigError("\n".join(loader.errors), loader.errors)
     for secret in (cfg.system_root_token, cfg.management_token, cfg.blob_signing_key,
                    cfg.containers.dispatch_private_key):
         register_secret(secret)
@@ -885,7 +902,8 @@ def load_config(path: str | os.PathLike[str], cluster_id: str | None = None) -> 
     try:
         return parse_config(data, cluster_id)
     except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
+        problems = [f"{path}: {p}" for p in exc.problems]
+        raise ConfigError("\n".join(problems), problems) from None
 
 
 # --- Back to YAML -----------------------------------------------------------------------------

@@ -3,8 +3,8 @@
     crunchgate config check /etc/arvados/config.yml [--cluster zzzzz]
     crunchgate config defaults
 
-``check`` prints ``ok: <cluster id>`` and exits 0, or prints the error (naming the file and the
-key path) and exits 1. Deprecated keys that still load are reported as ``warning:`` lines on
+``check`` prints ``ok: <cluster id>`` and exits 0, or prints every error (one ``error:`` line
+each, naming the file, the key path and the bad value) and exits 1. Deprecated keys that still load are reported as ``warning:`` lines on
 stderr.
 """
 
@@ -52,7 +52,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.file, args.cluster)
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"error: {problem}", file=sys.stderr)
         return 1
     finally:
         config_log.disabled = saved

@@ -46,6 +46,32 @@ def test_check_unknown_key_fails_naming_path(tmp_path: Path) -> None:
     assert "Traceback" not in r.stderr
 
 
+def test_check_reports_every_bad_key_at_once(tmp_path: Path) -> None:
+    # An unknown key, a wrong type and a bad unit, in different sections: one run, three lines,
+    # each naming the file, the key path and the bad value.
+    p = tmp_path / "config.yml"
+    p.write_text(
+        "Clusters:\n  zzzzz:\n"
+        "    SystemRootToken: 12345\n"
+        "    Containers:\n"
+        "      MaxDispatchAttempts: ten\n"
+        "      ReserveExtraRAM: 550XiB\n"
+        "      LSF:\n        BsubSudoUsr: crunch\n"
+        "    InstanceTypes:\n      small: {VCPUs: 2, RAM: 4 gigs}\n")
+    r = crunchgate("config", "check", str(p))
+    assert r.returncode == 1 and r.stdout == ""
+    lines = r.stderr.splitlines()
+    assert all(line.startswith(f"error: {p}: Clusters.zzzzz.") for line in lines), lines
+    text = r.stderr
+    assert "Containers.MaxDispatchAttempts: expected a whole number, got \"ten\"" in text
+    assert "Containers.ReserveExtraRAM: invalid byte size \"550XiB\"" in text
+    assert "Containers.LSF.BsubSudoUsr: unknown key (did you mean BsubSudoUser?)" in text
+    assert "InstanceTypes.small.RAM: invalid byte size \"4 gigs\"" in text
+    assert "SystemRootToken: expected a string (value not shown" in text
+    assert "12345" not in text
+    assert len(lines) == 5
+
+
 def test_check_yaml_error_has_line(tmp_path: Path) -> None:
     p = tmp_path / "config.yml"
     p.write_text("Clusters:\n  zzzzz:\n    SystemRootToken: [oops\n")
