@@ -29,6 +29,10 @@ from dispatcher.logs import register_secret, setup_logging
 
 log = logging.getLogger("crunchgate.cloud")
 
+# Another dispatch-cloud of this cluster runs on this host (EX_TEMPFAIL: systemd's
+# Restart=always retries, so the unit takes over once the other one stops).
+EXIT_ALREADY_RUNNING = 75
+
 COLUMNS = ["instance", "address", "state", "idle-behavior", "config-type", "provider-type",
            "price", "running-containers"]
 
@@ -208,6 +212,22 @@ def run(args: argparse.Namespace) -> int:
         it = localhost_type()
         cfg.instance_types = {it.name: it}
     setup_logging(cfg.system_logs.log_level, cfg.system_logs.format, cfg.cluster_id)
+    # Instead of the reference's PostgreSQL advisory lock: one dispatch-cloud per cluster on
+    # this host (two would lock, start and unlock the same containers and adopt each other's
+    # VMs).
+    from dispatcher.hostlock import AlreadyRunning, HostLock
+
+    guard = HostLock(cfg.cluster_id, "dispatch-cloud")
+    try:
+        guard.acquire()
+    except AlreadyRunning as exc:
+        log.error("%s", exc)
+        print(f"crunchgate dispatch-cloud: {exc}", file=sys.stderr)
+        return EXIT_ALREADY_RUNNING
+    except OSError as exc:
+        print(f"crunchgate dispatch-cloud: cannot take the lock file {guard.path}: {exc} "
+              "(set CRUNCHGATE_LOCK_DIR to a writable directory)", file=sys.stderr)
+        return 2
     try:
         return asyncio.run(serve(cfg, args.config))
     except KeyboardInterrupt:
@@ -219,3 +239,5 @@ def run(args: argparse.Namespace) -> int:
         log.error("dispatch-cloud stopped: %s", exc)
         print(f"crunchgate dispatch-cloud: {exc}", file=sys.stderr)
         return 1
+    finally:
+        guard.release()

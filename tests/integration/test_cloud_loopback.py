@@ -99,6 +99,9 @@ class CloudCluster:
 
     def start(self) -> subprocess.Popen[bytes]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("ARVADOS_API_")}
+        # This test's own host lock: another test run on this machine may run a zzzzz
+        # dispatch-cloud at the same time.
+        env["CRUNCHGATE_LOCK_DIR"] = str(self.work)
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "dispatcher.cli", "dispatch-cloud", "--config",
