@@ -82,8 +82,15 @@ def shutdown_eligible(
     timeout_idle_s: float,
     timeout_booting_s: float,
     all_runners_given_up: bool,
+    has_runners: bool = False,
 ) -> bool:
-    """May the pool shut this worker down now? (reference 5.7 "Shutdown eligibility")."""
+    """May the pool shut this worker down now? (reference 5.7 "Shutdown eligibility").
+
+    One difference: an adopted (unknown) worker whose run-probe reports containers is not shut
+    down just because TimeoutBooting has passed since it appeared. The reference destroys it
+    with its containers (reference 8.3), e.g. every VM whose ``systemctl is-system-running``
+    says "degraded" after a dispatcher restart; here it goes once they have finished.
+    """
     if behavior is IdleBehavior.HOLD:
         return False
     draining = behavior is IdleBehavior.DRAIN
@@ -94,7 +101,7 @@ def shutdown_eligible(
     if state is State.RUNNING:
         return draining and all_runners_given_up
     if state is State.UNKNOWN:
-        return now - appeared >= timeout_booting_s
+        return now - appeared >= timeout_booting_s and not has_runners
     return False
 
 
@@ -557,6 +564,7 @@ class Worker:
             busy=self.busy, timeout_idle_s=self.pool.timeout_idle_s,
             timeout_booting_s=self.pool.timeout_booting_s,
             all_runners_given_up=self.all_runners_given_up(),
+            has_runners=bool(self.running or self.starting),
         )
 
     def shutdown_if_idle(self) -> bool:

@@ -493,3 +493,40 @@ def test_queued_not_locked_on_unprobed_adopted_instance():
     run_pass(sch, passes=2)
     assert q.changes == [(U(6), "Queued", "Locked"), (U(5), "Queued", "Locked")]
     assert sorted(pool.starts) == [U(5), U(6)]
+
+
+def test_pack_containers_resources():
+    """Reference 7.8 TestPackContainers_Resources: containers that need the RAM, the VCPUs or
+    the scratch of a type8 share one type8; one needing 9 VCPUs gets a type16 (too expensive
+    for the others, so it is not shared); four 0-VCPU containers share one type1."""
+    from dispatcher.cloud.queue import QueueEnt
+    from dispatcher.core.sizing import InstanceResources
+    from tests.helpers.cloud import choose
+
+    menu = [itype(n, scratch=n * GiB) for n in (1, 2, 4, 8, 16)]
+    MiB = 1 << 20
+    needs = {
+        1: InstanceResources(vcpus=1, ram=5 * GiB),                       # RAM of a type8
+        2: InstanceResources(vcpus=5, ram=128 * MiB),                     # VCPUs of a type8
+        3: InstanceResources(vcpus=1, ram=128 * MiB, scratch=6 * GiB),    # scratch of a type8
+        4: InstanceResources(vcpus=9, ram=128 * MiB),                     # needs a type16
+        **{i: InstanceResources(vcpus=0, ram=128 * MiB) for i in (5, 6, 7, 8)},
+    }
+    q = StubQueue()
+    for i, need in needs.items():
+        ctr = {"uuid": U(i), "state": "Locked", "priority": i, "runtime_constraints": {},
+               "scheduling_parameters": {}, "container_image": "", "created_at": ""}
+        q.add(QueueEnt.make(ctr, choose(menu, need), need, float(i)))
+    assert [t.name for t in q.ents[U(4)].instance_types] == ["type16"]
+    assert [t.name for t in q.ents[U(5)].instance_types] == ["type1"]
+    pool = StubPool()
+    sch = new_sched(q, pool, menu)
+    run_pass(sch)
+    assert pool.creates == ["type1", "type16", "type8"] and pool.starts == []
+    for n, v in enumerate(pool.views):       # they all boot
+        v.instance, v.worker_state = f"i{n}", State.IDLE
+    run_pass(sch)
+    on = {v.arvados_instance_type: v.running_container_uuids for v in pool.views}
+    assert on == {"type1": [U(8), U(7), U(6), U(5)], "type16": [U(4)],
+                  "type8": [U(3), U(2), U(1)]}
+    assert pool.creates == ["type1", "type16", "type8"]

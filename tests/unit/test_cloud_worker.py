@@ -197,6 +197,32 @@ def test_shutdown_eligibility(state, behavior, busy_ago, appeared_ago, given_up,
     assert shutdown_eligible(state, behavior, now=now, appeared=now - appeared_ago,
                              busy=now - busy_ago, timeout_idle_s=60, timeout_booting_s=600,
                              all_runners_given_up=given_up) is want
+    # An adopted worker that runs containers outlives TimeoutBooting (reference 8.3).
+    if state is State.UNKNOWN:
+        assert not shutdown_eligible(state, behavior, now=now, appeared=now - appeared_ago,
+                                     busy=now, timeout_idle_s=60, timeout_booting_s=600,
+                                     all_runners_given_up=False, has_runners=True)
+
+
+def test_adopted_worker_with_failing_boot_probe_keeps_its_containers():
+    """After a restart, a VM whose boot probe fails (say systemd reports "degraded") but whose
+    crunch-run --list shows containers is left alone past TimeoutBooting; once they have
+    finished it is shut down by the probe timeout."""
+    pool, wkr, vm = make(State.UNKNOWN, boot_ok=False, listed=(U1,))
+
+    async def rounds(n: int) -> None:
+        for _ in range(n):
+            await pool.probe_all(wait=True)
+            await pool.settle()
+
+    asyncio.run(rounds(1))
+    assert wkr.state is State.UNKNOWN and list(wkr.running) == [U1]
+    pool.clock.advance(2 * BOOT_TIMEOUT)
+    asyncio.run(rounds(3))
+    assert wkr.state is State.UNKNOWN and list(wkr.running) == [U1] and not vm.destroyed
+    vm.finish(U1)
+    asyncio.run(rounds(2))
+    assert wkr.state is State.SHUTDOWN and vm.destroyed
 
 
 def test_parse_list_output():
@@ -269,3 +295,14 @@ def test_kill_success_leaves_exit_placeholder():
     assert wkr.state is State.IDLE
     pool.forget_container(U1)
     assert U1 not in pool.running()
+
+
+def test_boot_probe_command_is_the_configured_one():
+    pool, wkr, vm = make(State.BOOTING)
+    assert pool.boot_probe_command == "systemctl is-system-running"   # the reference default
+    probe(wkr)
+    assert vm.commands[:2] == ["systemctl is-system-running", "crunch-run --list"]
+    pool2, wkr2, vm2 = make(State.BOOTING)
+    pool2.boot_probe_command = "test -e /var/run/ready"
+    probe(wkr2)
+    assert vm2.commands[0] == "test -e /var/run/ready" and wkr2.state is State.IDLE
