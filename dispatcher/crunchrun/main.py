@@ -20,7 +20,8 @@ starts can see it.
 ``--detach`` takes the container's lock (see :mod:`dispatcher.crunchrun.locks`), starts a copy
 of itself in a new session with stdin/stdout closed and stderr appended to
 ``<scratch base>/crunch-run-<uuid>.log``, hands it the lock and the credentials (through a pipe,
-not the command line), prints nothing and exits 0. A second ``--detach`` for the same UUID fails
+not the command line), prints ``{"UUID": ..., "PID": ...}`` (what it also writes into the lock
+file, as Arvados' crunch-run does) and exits 0. A second ``--detach`` for the same UUID fails
 while the first holds the lock.
 """
 
@@ -207,6 +208,7 @@ def detach(args: argparse.Namespace, lock_dir: str, secret: str) -> int:
         return 1
     # The child holds the lock through its inherited fd; ours can go (without unlinking).
     os.close(held.fd)
+    print(json.dumps({"UUID": args.uuid, "PID": child.pid}), flush=True)
     return 0
 
 

@@ -261,10 +261,11 @@ def test_detach_list_kill(cr: CrunchRun) -> None:
     uuid = locked(cr.api, ["sh", "-c", "echo started; exec sleep 300"])
     res = cr.run("-detach", uuid)
     assert res.returncode == 0, res.stderr
-    assert res.stdout == ""
     lock = cr.lock_dir / f"crunch-run-{uuid}.lock"
     owner = wait_for(lambda: lock.exists() and lock.read_text() and json.loads(lock.read_text()),
                      what="lock file")
+    # Like Arvados' crunch-run: the process info on stdout, the same as in the lock file.
+    assert json.loads(res.stdout) == owner == {"UUID": uuid, "PID": owner["PID"]}
     wait_for(lambda: "started" in cr.api.log_text(uuid, "stdout"), what="container output")
     assert cr.api.container(uuid)["state"] == "Running"
     # Exclusive while it runs.
