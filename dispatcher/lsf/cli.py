@@ -29,9 +29,13 @@ SERVICE = "DispatchLSF"
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    """Options of ``crunchgate dispatch-lsf``."""
-    parser.add_argument("--config", default=os.environ.get("ARVADOS_CONFIG",
-                                                           "/etc/arvados/config.yml"),
+    """Options of ``crunchgate dispatch-lsf``.
+
+    ``-config`` (arvados-dispatch-lsf's Go-style spelling) is accepted too, so an existing
+    systemd unit's command line only needs its program name changed.
+    """
+    parser.add_argument("--config", "-config",
+                        default=os.environ.get("ARVADOS_CONFIG", "/etc/arvados/config.yml"),
                         help="cluster config file (default: %(default)s)")
     parser.add_argument("--cluster", default=None, help="cluster ID, if the file has several")
 

@@ -37,6 +37,12 @@ def test_missing_config_is_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert "crunchgate dispatch-lsf:" in capsys.readouterr().err
 
 
+def test_go_style_config_flag(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # arvados-dispatch-lsf's "-config FILE" works unchanged.
+    assert main(["dispatch-lsf", "-config", str(tmp_path / "nope.yml")]) == 2
+    assert f"{tmp_path / 'nope.yml'}: cannot read config file" in capsys.readouterr().err
+
+
 def test_bad_lsf_key_is_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     bad = tmp_path / "config.yml"
     bad.write_text("Clusters:\n  zzzzz:\n    Containers:\n      LSF:\n        BsubSudoUsr: x\n")
