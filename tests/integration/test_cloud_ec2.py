@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -151,8 +152,24 @@ def test_create_find_after_restart_and_destroy_when_idle(cloud_moto):
         assert await other.sync() and not other.workers
         assert await pool.sync()
         assert {w.state for w in pool.workers.values()} == {State.UNKNOWN}
+        # The listing saw a spot instance: spot prices (DescribeSpotPriceHistory) for its type
+        # and zone are its price history; the on-demand one has none.
+        by_name = {w.instance_type.name: w for w in pool.workers.values()}
+        spot_w, small_w = by_name["small.preemptible"], by_name["small"]
+        prices = spot_w.instance.price_history(spot_w.instance_type)
+        assert prices and all(p.price > 0 for p in prices)
+        assert [p.start_time for p in prices] == sorted((p.start_time for p in prices),
+                                                        reverse=True)
+        assert small_w.instance.price_history(small_w.instance_type) == []
+        # AddedScratch adds the EBS volume's hourly price (EBSPrice 0.10 $/GiB-month).
+        with_disk = spot_w.instance.price_history(
+            dataclasses.replace(spot_w.instance_type, added_scratch=30 << 30))
+        assert with_disk[0].price == pytest.approx(prices[0].price + 0.10 * 30 / 30 / 24)
         await pool.probe_all(wait=True)
         assert {w.state for w in pool.workers.values()} == {State.IDLE}
+        # ... and goes to crunch-run --list on stdin (reference 5.8).
+        assert any(c.endswith("--list --stdin-prices") for c in spot_w.executor.commands)
+        assert not any("--stdin-prices" in c for c in small_w.executor.commands)
         clock.advance(61)
         await pool.probe_all(wait=True)   # idle past TimeoutIdle: shut down
         await pool.settle()

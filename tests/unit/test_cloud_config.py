@@ -176,3 +176,40 @@ def test_summary_quantiles_cover_the_last_ten_minutes(monkeypatch):
     assert by_name == {"x_seconds_sum": 20.0, "x_seconds_count": 5.0}   # cumulative
     with pytest.raises(ValueError):
         cm.RefCounter("c", "test", ["a"]).labels(a="x").inc(-1)
+
+
+def test_unsupported_driver_health_and_deploy_public_key(tmp_path):
+    from dispatcher.cloud.drivers import new_instance_set
+
+    cfg = stub_config([itype(1)], driver="gce")
+    with pytest.raises(ConfigurationError, match="unsupported cloud driver 'gce' in "
+                                                 "Containers.CloudVMs.Driver"):
+        new_instance_set(cfg, "x")
+    cfg = stub_config([itype(1)])
+    cfg.containers.dispatch_private_key = key_pem()
+    cfg.services.controller.external_url = "https://127.0.0.1:8000"
+    runner = tmp_path / "crunch-run.pyz"
+    runner.write_bytes(b"PK")
+    cfg.containers.cloud_vms.deploy_runner_binary = str(runner)
+
+    async def go() -> tuple[str | None, str | None, str | None]:
+        disp = CloudDispatcher(cfg, instance_set=StubInstanceSet(), client=MemoryApi())
+        healthy = disp.health()
+        key = disp.pool.public_key
+        runner.unlink()   # the runner binary went away: /_health/ping reports it
+        sick = disp.health()
+        await disp.close()
+        return healthy, key, sick
+
+    healthy, key, sick = asyncio.run(go())
+    assert healthy is None and key is not None and key.startswith("ssh-ed25519 ")
+    assert sick is not None and "DeployRunnerBinary" in sick
+    runner.write_bytes(b"PK")
+    cfg.containers.cloud_vms.deploy_public_key = False
+
+    async def no_key() -> str | None:
+        disp = CloudDispatcher(cfg, instance_set=StubInstanceSet(), client=MemoryApi())
+        await disp.close()
+        return disp.pool.public_key
+
+    assert asyncio.run(no_key()) is None
