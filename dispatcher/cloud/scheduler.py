@@ -110,10 +110,10 @@ class _Slot:
     remaining: InstanceResources
     n: int                      # containers running or allocated
     full: bool = False
+    ready: bool = field(init=False)   # idle/running (computed once: hot in _best_slot)
 
-    @property
-    def ready(self) -> bool:
-        return self.view.worker_state in (State.IDLE, State.RUNNING)
+    def __post_init__(self) -> None:
+        self.ready = self.view.worker_state in (State.IDLE, State.RUNNING)
 
 
 @dataclass
