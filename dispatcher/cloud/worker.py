@@ -31,6 +31,15 @@ if TYPE_CHECKING:
 log = logging.getLogger("crunchgate.cloud.worker")
 
 
+class _Log(logging.LoggerAdapter[logging.Logger]):
+    """Adds the worker's fields to every record, merged with a call's own ``extra`` (the
+    stock LoggerAdapter replaces it, dropping e.g. the container UUID)."""
+
+    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        kwargs["extra"] = {**(self.extra or {}), **(kwargs.get("extra") or {})}
+        return msg, kwargs
+
+
 class State(enum.StrEnum):
     """Worker states (the values are the management API's ``worker_state`` strings)."""
 
@@ -253,7 +262,7 @@ class Worker:
         self.stale_run_lock_since = 0.0
         self.deployed_runner = False
         self.last_stderr = b""
-        self.log = logging.LoggerAdapter(log, {"instance": instance.id})
+        self.log = _Log(log, {"instance": instance.id})
 
     # --- state table --------------------------------------------------------------------------
 

@@ -306,3 +306,11 @@ def test_boot_probe_command_is_the_configured_one():
     pool2.boot_probe_command = "test -e /var/run/ready"
     probe(wkr2)
     assert vm2.commands[0] == "test -e /var/run/ready" and wkr2.state is State.IDLE
+
+
+def test_log_records_carry_instance_and_container(caplog):
+    pool, wkr, vm = make(State.IDLE, listed=(U1,))
+    with caplog.at_level("INFO", logger="crunchgate.cloud.worker"):
+        probe(wkr)
+    (rec,) = [r for r in caplog.records if r.getMessage() == "crunch-run process detected"]
+    assert rec.instance == "inst1" and rec.container_uuid == U1
