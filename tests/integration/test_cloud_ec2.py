@@ -321,3 +321,31 @@ def test_driver_error_classes_from_the_sdk(cloud_moto):
                 await iset.create(SMALL, "ami-12c6146b", {"ArvadosInstanceSetID": "x"}, "", None)
 
     asyncio.run(go())
+
+
+@pytest.mark.parametrize("alg", ["ssh-ed25519", "ssh-rsa"])
+def test_restarted_dispatcher_reuses_its_key_pair(cloud_moto, alg):
+    """The dispatch key is imported once; a new process finds it by fingerprint, or, where the
+    endpoint reports the fingerprint in another form (moto, for ed25519: hex SHA256 of the DER
+    key, where AWS shows base64 SHA256), by its name after ImportKeyPair answers
+    InvalidKeyPair.Duplicate, instead of failing every create with that error."""
+    pub = asyncssh.generate_private_key(alg).export_public_key("openssh").decode().strip()
+    calls: list[str] = []
+
+    async def one_process() -> str:
+        _, iset, _ = new_pool(cloud_moto, "set-keys")
+        iset.client.meta.events.register(
+            "provide-client-params.ec2.*",
+            lambda params, model, **_: calls.append(model.name))
+        inst = await iset.create(SMALL, "ami-12c6146b", {"ArvadosInstanceSetID": "set-keys"},
+                                 "", pub)
+        await inst.destroy()
+        return str(inst.desc.get("KeyName"))  # type: ignore[attr-defined]
+
+    first = asyncio.run(one_process())
+    second = asyncio.run(one_process())
+    assert first == second and first.startswith("arvados-dispatch-keypair-")
+    assert calls.count("RunInstances") == 2
+    second_process = calls[calls.index("RunInstances") + 1:]
+    if alg == "ssh-rsa":   # moto reports RSA fingerprints as AWS does: found, not re-imported
+        assert "ImportKeyPair" not in second_process

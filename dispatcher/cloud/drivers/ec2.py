@@ -329,8 +329,16 @@ class EC2InstanceSet(InstanceSet):
             self._keypair = str(pairs[0]["KeyName"])
         else:
             name = "arvados-dispatch-keypair-" + fps[0]
-            await self.call("import_key_pair", KeyName=name,
-                            PublicKeyMaterial=public_key.encode())
+            try:
+                await self.call("import_key_pair", KeyName=name,
+                                PublicKeyMaterial=public_key.encode())
+            except DriverError as exc:
+                # The name is derived from this key's fingerprint: a key pair of that name is
+                # this key, imported earlier, whose fingerprint the endpoint reports in a form
+                # we did not look for. Failing here would fail every create, forever.
+                if getattr(exc, "aws_code", "") != "InvalidKeyPair.Duplicate":
+                    raise
+                log.info("key pair %s already exists; using it", name)
             self._keypair = name
         return self._keypair
 
