@@ -485,3 +485,47 @@ def test_every_remote_command_has_a_timeout_and_a_hung_probe_cannot_block():
 
     vm = run(go())
     assert vm.timeouts and all(t is not None and 0 < t <= 300 for t in vm.timeouts), vm.timeouts
+
+
+def test_listing_during_create_is_booting_and_tags_are_kept_in_line():
+    """Reference 5.6.2: an instance listed while its create call is still in flight (its
+    secret tag matches the pending create) is booting, not unknown; a known instance whose
+    InstanceType/IdleBehavior tags differ from the worker's gets them re-saved."""
+    clock = FakeClock()
+    release = asyncio.Event()
+
+    class SlowCreate(StubInstanceSet):
+        async def create(self, it, image_id, tags, init_command, public_key):
+            inst = await super().create(it, image_id, tags, init_command, public_key)
+            await release.wait()     # the VM exists (and is listed) before the call returns
+            return inst
+
+    iset = SlowCreate(clock)
+
+    async def go():
+        pool = new_pool(iset, clock)
+        pool.create(itype(1))
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert len(iset.vms) == 1 and pool.creating
+        await pool.sync()
+        (wkr,) = pool.workers.values()
+        assert wkr.state is State.BOOTING
+        release.set()
+        await pool.settle()
+        assert not pool.creating and len(pool.workers) == 1
+        vm = iset.vms[wkr.instance.id]
+        pool.set_idle_behavior(wkr.instance.id, IdleBehavior.HOLD)
+        await pool.settle()
+        assert vm.tags["ArvadosIdleBehavior"] == "hold"
+        vm.tags["ArvadosIdleBehavior"] = "run"            # someone edited the tag
+        before = len([o for o in iset.ops if o[0] == "SetTags"])
+        await pool.sync()
+        await pool.settle()
+        assert len([o for o in iset.ops if o[0] == "SetTags"]) == before + 1
+        assert vm.tags["ArvadosIdleBehavior"] == "hold"
+        await pool.sync()                                  # in line now: nothing to write
+        await pool.settle()
+        assert len([o for o in iset.ops if o[0] == "SetTags"]) == before + 1
+
+    run(go())
