@@ -147,11 +147,13 @@ def test_create_find_after_restart_and_destroy_when_idle(cloud_moto):
 
     async def after_restart() -> None:
         # A new dispatcher process: same InstanceSetID, fresh pool and SDK client.
-        pool, iset, _ = new_pool(cloud_moto, set_id, clock=clock)
+        pool, iset, metrics = new_pool(cloud_moto, set_id, clock=clock)
         other, _, _ = new_pool(cloud_moto, "set-someone-else", clock=clock)
         assert await other.sync() and not other.workers
         assert await pool.sync()
         assert {w.state for w in pool.workers.values()} == {State.UNKNOWN}
+        assert metrics.registry.get_sample_value(
+            "arvados_dispatchcloud_ec2_instances", {"subnet_id": iset.subnets[0]}) == 2
         # The listing saw a spot instance: spot prices (DescribeSpotPriceHistory) for its type
         # and zone are its price history; the on-demand one has none.
         by_name = {w.instance_type.name: w for w in pool.workers.values()}

@@ -345,6 +345,14 @@ def test_ssh_executor_exec_semantics(cloud_sshd, tmp_path):
         assert out == b"still works\n"
         assert ex._conn is conn
         await ex.close()
+        # A key the sshd does not accept: refused at login, nothing runs.
+        import asyncssh
+
+        stranger = SSHExecutor(inst, asyncssh.generate_private_key("ssh-ed25519"))
+        with pytest.raises(ExecError) as ei:
+            await stranger.execute("echo should-not-run", timeout_s=20)
+        assert ei.value.connect_failed and ei.value.exit_status is None
+        await stranger.close()
         # Nothing listens on port 1: connect failure, not an exit status.
         bad = SSHExecutor(inst, key, default_port="1")
         bad.instance = type(inst)(iset, inst.id, "localhost", {})
