@@ -6,7 +6,7 @@ Both sides get the same shape (loopback only):
         [ssh: ssh -N -R | ours: agent] -> target services (sink / echo), another process
 
 * ssh: a throwaway ``sshd`` on a loopback port (temp host key and authorized_keys,
-  ``aes128-gcm@openssh.com``) and ``ssh -N -R`` forwarding three ports over one connection.
+  ``aes128-gcm@openssh.com``) and ``ssh -N -R`` forwarding two ports over one connection.
 * ours: ``Broker`` (TLS, uvloop) with an entry listener per target that opens one tunnel stream
   per accepted connection, and the real ``Agent`` (uvloop) dialling it.
 
@@ -15,9 +15,13 @@ median and p99; (3) the same while a bulk transfer runs on another stream of the
 (4) new streams per second (open, 1-byte echo, close); (5) 1,000 idle tunnels on one broker:
 RSS per tunnel (sshd: PSS per connection of its session processes, measured at 50).
 
-Usage: ``python bench/tunnel.py [--quick]``. Sizes and durations are bounded; it takes about a
-minute. Bulk figures move by +-25% between runs on a busy 2-core machine: compare ratios
-within one run only.
+Both setups are up at the same time and every measure runs in interleaved rounds (ssh, ours,
+ours, ssh, ...), so a change in the machine's background load hits both sides alike; round-trip
+samples are pooled over the rounds, rates are the median of the rounds.
+
+Usage: ``python bench/tunnel.py [--quick] [--rounds N] [--only rr,rrl] [--tunnels N]``. Sizes
+and durations are bounded; ``--quick`` takes about two minutes. Bulk figures move by +-25%
+between runs on a busy 2-core machine: compare ratios within one run only.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import os
 import shutil
 import signal
@@ -202,10 +207,12 @@ async def role_broker(port: int, certdir: str, entries: list[tuple[int, int]]) -
                 transport.abort()
                 return
             pipe = LocalPipe(st)
+            # Resume first: the early bytes may fill the stream's queue, and then the pipe
+            # pauses reading again (resuming after take_over() would undo that).
+            transport.resume_reading()
             pipe.take_over(transport, b"".join(self.early))
             if self.eof:
                 pipe.eof_received()
-            transport.resume_reading()
             if os.environ.get("BENCH_DEBUG"):
                 await st.done
                 print("entry stream", st.stream_id, "out", st.bytes_out, "in", st.bytes_in,
@@ -213,7 +220,7 @@ async def role_broker(port: int, certdir: str, entries: list[tuple[int, int]]) -
 
     loop = asyncio.get_running_loop()
     for entry_port, target in entries:
-        await loop.create_server(lambda t=target: Entry(t), "127.0.0.1", entry_port,
+        await loop.create_server(functools.partial(Entry, target), "127.0.0.1", entry_port,
                                  backlog=1024)
     await asyncio.Event().wait()
 
@@ -340,44 +347,84 @@ def pct(xs: list[float], p: float) -> float:
     return s[min(len(s) - 1, int(len(s) * p))] * 1e6
 
 
-async def measure(sink: int, echo: int, quick: bool) -> dict[str, float]:
+MEASURES = ("bulk1", "bulk8", "rr", "rrl", "opens")
+
+
+async def measure_once(which: str, sink: int, echo: int, quick: bool) -> dict[str, Any]:
+    """One round of one measure against one setup; raw samples where there are samples."""
     size1 = (128 if quick else 512) * MiB
-    res: dict[str, float] = {}
-    res["bulk1"] = max([await bulk(sink, 1, size1) for _ in range(2)])
-    res["bulk8"] = await bulk(sink, 8, size1 // 8)
-    rr = await round_trips(echo, 500 if quick else 2000)
-    res["rr_med"], res["rr_p99"] = pct(rr, 0.5), pct(rr, 0.99)
-    rrl, rate = await rr_under_load(sink, echo, 300 if quick else 1000, (2 if quick else 8) * 1024
-                                    * MiB)
-    res["rrl_med"], res["rrl_p99"], res["rrl_bulk"] = pct(rrl, 0.5), pct(rrl, 0.99), rate
-    res["opens"], res["open_ms"] = await new_streams(echo, 200 if quick else 500, 5.0)
-    return res
+    if which == "bulk1":
+        return {"bulk1": await bulk(sink, 1, size1)}
+    if which == "bulk8":
+        return {"bulk8": await bulk(sink, 8, size1 // 8)}
+    if which == "rr":
+        return {"rr": await round_trips(echo, 500 if quick else 2000)}
+    if which == "rrl":
+        rtts, rate = await rr_under_load(sink, echo, 300 if quick else 1000,
+                                         (2 if quick else 8) * 1024 * MiB)
+        return {"rrl": rtts, "rrl_bulk": rate}
+    rate, ms = await new_streams(echo, 200 if quick else 500, 5.0)
+    return {"opens": rate, "open_ms": ms}
+
+
+def measure_interleaved(setups: dict[str, tuple[int, int]], quick: bool, rounds: int,
+                        only: list[str]) -> dict[str, dict[str, float]]:
+    """Every measure ``rounds`` times per setup, alternating which goes first (ABBA), so that
+    a change in the machine's background load hits both sides alike. Round-trip samples are
+    pooled over the rounds; rates are the median of the rounds."""
+    names = list(setups)
+    raw: dict[str, dict[str, list[Any]]] = {n: {} for n in names}
+    for which in only:
+        for r in range(rounds):
+            order = names if r % 2 == 0 else names[::-1]
+            for name in order:
+                sink, echo = setups[name]
+                got = asyncio.run(measure_once(which, sink, echo, quick))
+                for key, val in got.items():
+                    raw[name].setdefault(key, []).append(val)
+            print(f"  {which} round {r + 1}/{rounds}: " + ", ".join(
+                f"{n} {_summary(raw[n], which)}" for n in names), file=sys.stderr)
+    out: dict[str, dict[str, float]] = {}
+    for name in names:
+        res: dict[str, float] = {}
+        for key, vals in raw[name].items():
+            if key in ("rr", "rrl"):
+                pooled = [x for v in vals for x in v]
+                res[key + "_med"], res[key + "_p99"] = pct(pooled, 0.5), pct(pooled, 0.99)
+            else:
+                res[key] = statistics.median(vals)
+        out[name] = res
+    return out
+
+
+def _summary(raw: dict[str, list[Any]], which: str) -> str:
+    last: Any = raw[which][-1]
+    if which in ("rr", "rrl"):
+        return f"median {pct(last, 0.5):.0f} us p99 {pct(last, 0.99):.0f} us"
+    return f"{last:.2f}"
 
 
 # --- the two setups ------------------------------------------------------------------------------
 
 
-def run_ours(work: Path, quick: bool) -> dict[str, float]:
+def start_ours(work: Path, procs: Procs) -> tuple[int, int]:
+    """Targets, broker (with entry listeners) and one agent; returns the entry ports."""
     from tunnel.certs import make_certs
 
     make_certs(work / "certs")
-    procs = Procs()
-    try:
-        sink_t, echo_t = free_port(), free_port()
-        procs.start(me("_targets", str(sink_t), str(echo_t)))
-        bport, e_sink, e_echo = free_port(), free_port(), free_port()
-        procs.start(me("_broker", str(bport), str(work / "certs"),
-                       f"{e_sink}:{sink_t}", f"{e_echo}:{echo_t}"))
-        wait_port(bport)
-        agent = procs.start(me("_agent", str(bport), str(work / "certs"), "1"),
-                            stdout=subprocess.PIPE)
-        assert agent.stdout is not None
-        if not agent.stdout.readline().startswith(b"READY 1"):
-            raise RuntimeError("agent did not register")
-        wait_port(sink_t)
-        return asyncio.run(measure(e_sink, e_echo, quick))
-    finally:
-        procs.stop_all()
+    sink_t, echo_t = free_port(), free_port()
+    procs.start(me("_targets", str(sink_t), str(echo_t)))
+    bport, e_sink, e_echo = free_port(), free_port(), free_port()
+    procs.start(me("_broker", str(bport), str(work / "certs"),
+                   f"{e_sink}:{sink_t}", f"{e_echo}:{echo_t}"))
+    wait_port(bport)
+    agent = procs.start(me("_agent", str(bport), str(work / "certs"), "1"),
+                        stdout=subprocess.PIPE)
+    assert agent.stdout is not None
+    if not agent.stdout.readline().startswith(b"READY 1"):
+        raise RuntimeError("agent did not register")
+    wait_port(sink_t)
+    return e_sink, e_echo
 
 
 def run_ours_idle(work: Path, n: int) -> float:
@@ -444,20 +491,17 @@ def ssh_argv(port: int, key: Path, forwards: list[tuple[int, int]]) -> list[str]
     return [*argv, f"{os.environ.get('USER', 'root')}@127.0.0.1"]
 
 
-def run_ssh(work: Path, quick: bool) -> dict[str, float]:
-    procs = Procs()
-    try:
-        port, key = start_sshd(work, procs)
-        sink_t, echo_t = free_port(), free_port()
-        procs.start(me("_targets", str(sink_t), str(echo_t)))
-        r_sink, r_echo = free_port(), free_port()
-        procs.start(ssh_argv(port, key, [(r_sink, sink_t), (r_echo, echo_t)]))
-        wait_port(r_sink)
-        wait_port(r_echo)
-        wait_port(sink_t)
-        return asyncio.run(measure(r_sink, r_echo, quick))
-    finally:
-        procs.stop_all()
+def start_ssh_forward(work: Path, procs: Procs) -> tuple[int, int]:
+    """Targets, a throwaway sshd and ``ssh -N -R``; returns the forwarded ports."""
+    port, key = start_sshd(work, procs)
+    sink_t, echo_t = free_port(), free_port()
+    procs.start(me("_targets", str(sink_t), str(echo_t)))
+    r_sink, r_echo = free_port(), free_port()
+    procs.start(ssh_argv(port, key, [(r_sink, sink_t), (r_echo, echo_t)]))
+    wait_port(r_sink)
+    wait_port(r_echo)
+    wait_port(sink_t)
+    return r_sink, r_echo
 
 
 def run_ssh_idle(work: Path, n: int) -> float:
@@ -493,37 +537,54 @@ def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1].startswith("_"):
         import uvloop
 
-        role, args = sys.argv[1], sys.argv[2:]
+        role, rargs = sys.argv[1], sys.argv[2:]
         if role == "_targets":
-            uvloop.run(role_targets(int(args[0]), int(args[1])))
+            uvloop.run(role_targets(int(rargs[0]), int(rargs[1])))
         elif role == "_broker":
-            entries = [tuple(map(int, a.split(":"))) for a in args[2:]]
-            uvloop.run(role_broker(int(args[0]), args[1], entries))  # type: ignore[arg-type]
+            entries = [tuple(map(int, a.split(":"))) for a in rargs[2:]]
+            uvloop.run(role_broker(int(rargs[0]), rargs[1], entries))  # type: ignore[arg-type]
         elif role == "_agent":
-            uvloop.run(role_agent(int(args[0]), args[1], int(args[2])))
+            uvloop.run(role_agent(int(rargs[0]), rargs[1], int(rargs[2])))
         return 0
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="smaller sizes (about 30 s)")
-    parser.add_argument("--tunnels", type=int, default=1000, help="idle tunnels for (5)")
+    parser.add_argument("--quick", action="store_true", help="smaller sizes (about a minute)")
+    parser.add_argument("--rounds", type=int, default=0,
+                        help="rounds per measure and side, interleaved (default 3, quick 2)")
+    parser.add_argument("--only", default=",".join(MEASURES),
+                        help=f"comma-separated subset of {','.join(MEASURES)}")
+    parser.add_argument("--tunnels", type=int, default=1000,
+                        help="idle tunnels for (5); 0 skips (5)")
     parser.add_argument("--ssh-idle", type=int, default=50, help="idle ssh connections for (5)")
     parser.add_argument("--window-kib", type=int, default=0,
                         help="stream window for our tunnel (default: TunnelSettings)")
     args = parser.parse_args()
+    only = [m for m in args.only.split(",") if m]
+    if unknown := set(only) - set(MEASURES):
+        parser.error(f"unknown measures: {', '.join(sorted(unknown))}")
+    rounds = args.rounds or (2 if args.quick else 3)
     if args.window_kib:
         os.environ["BENCH_WINDOW_KIB"] = str(args.window_kib)
     if not shutil.which("ssh") or not os.path.exists("/usr/sbin/sshd"):
         print("needs OpenSSH client and server (apt install openssh-client openssh-server)")
         return 2
+    ours_idle = ssh_idle = float("nan")
     with tempfile.TemporaryDirectory(prefix="bench-tunnel-") as tmp:
         work = Path(tmp)
-        print("running OpenSSH ssh -N -R ...", file=sys.stderr)
-        ssh = run_ssh(work, args.quick)
-        print("running crunchgate tunnel ...", file=sys.stderr)
-        ours = run_ours(work, args.quick)
-        print(f"idle tunnels: {args.tunnels} ours, {args.ssh_idle} ssh ...", file=sys.stderr)
-        ours_idle = run_ours_idle(work, args.tunnels)
-        ssh_idle = run_ssh_idle(work, args.ssh_idle)
+        procs = Procs()
+        try:
+            print("starting OpenSSH ssh -N -R and the crunchgate tunnel ...", file=sys.stderr)
+            (work / "ssh").mkdir()
+            setups = {"ssh": start_ssh_forward(work / "ssh", procs),
+                      "ours": start_ours(work, procs)}
+            res = measure_interleaved(setups, args.quick, rounds, only)
+        finally:
+            procs.stop_all()
+        if args.tunnels:
+            print(f"idle tunnels: {args.tunnels} ours, {args.ssh_idle} ssh ...", file=sys.stderr)
+            ours_idle = run_ours_idle(work, args.tunnels)
+            ssh_idle = run_ssh_idle(work, args.ssh_idle)
+    ssh, ours = res["ssh"], res["ours"]
 
     rows = [
         ("(1) bulk, 1 stream (Gbit/s)", "bulk1", True, 0.5),
@@ -536,8 +597,11 @@ def main() -> int:
         ("(4) new streams per second", "opens", True, 1.0),
         ("(4) new stream median (ms)", "open_ms", False, None),
     ]
-    print(f"\n{'measure':<36}{'ssh -R':>12}{'crunchgate':>12}{'ratio':>9}  goal")
+    print(f"\n{rounds} interleaved rounds per measure and side")
+    print(f"{'measure':<36}{'ssh -R':>12}{'crunchgate':>12}{'ratio':>9}  goal")
     for label, key, higher, goal in rows:
+        if key not in ssh or key not in ours:
+            continue
         a, b = ssh[key], ours[key]
         ratio = b / a if a else float("nan")
         if goal is None:
@@ -547,12 +611,12 @@ def main() -> int:
         else:
             verdict = f"<= {goal}x  {'ok' if ratio <= goal else 'MISSED'}"
         print(f"{label:<36}{a:>12.2f}{b:>12.2f}{ratio:>9.2f}  {verdict}")
-    print(f"{'(5) memory per idle tunnel (KiB)':<36}{ssh_idle:>12.0f}{ours_idle:>12.0f}"
-          f"{ours_idle / ssh_idle if ssh_idle else float('nan'):>9.2f}  "
-          f"(ours: broker RSS over {args.tunnels} tunnels; ssh: sshd PSS per connection, "
-          f"{args.ssh_idle} connections)")
+    if args.tunnels:
+        print(f"{'(5) memory per idle tunnel (KiB)':<36}{ssh_idle:>12.0f}{ours_idle:>12.0f}"
+              f"{ours_idle / ssh_idle if ssh_idle else float('nan'):>9.2f}  "
+              f"(ours: broker RSS over {args.tunnels} tunnels; ssh: sshd PSS per connection, "
+              f"{args.ssh_idle} connections)")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

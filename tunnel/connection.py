@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -52,7 +53,10 @@ log = logging.getLogger("crunchgate.tunnel.connection")
 RECV_BUFFER_BYTES = 256 * 1024
 TRANSPORT_HIGH_WATER = 256 * 1024
 TRANSPORT_LOW_WATER = 64 * 1024
+WRITE_SLICE_BYTES = 64 * 1024
+READ_CHUNK_BYTES = 64 * 1024
 TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25)
+NOTSENT_LOWAT_BYTES = 128 * 1024
 
 
 class StreamError(TunnelError):
@@ -69,7 +73,7 @@ def tune_socket(transport: asyncio.BaseTransport, lowat: bool = True) -> None:
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if lowat:
-            sock.setsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT, 128 * 1024)
+            sock.setsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT, NOTSENT_LOWAT_BYTES)
 
 
 class TunnelStream:
@@ -311,7 +315,7 @@ class TunnelConnection(asyncio.BufferedProtocol):
     def _feed(self, data: bytes | memoryview) -> None:
         self.bytes_in += len(data)
         try:
-            events = self.proto.receive_data(bytes(data))  # the one copy out of the buffer
+            events = self.proto.receive_data(data)  # copies only what it keeps
         except TunnelProtocolError as exc:
             self._fail(str(exc))
             return
@@ -417,15 +421,21 @@ class TunnelConnection(asyncio.BufferedProtocol):
             # One byte past the high-water mark at most, so that a full transport pauses us
             # (and resume_writing() brings us back).
             budget = TRANSPORT_HIGH_WATER + 1 - t.get_write_buffer_size()
-            if budget > 0 and self.proto.pump(budget) and self.proto.has_pending:
+            moved = 0
+            while budget > 0 and not self._write_paused:
+                # Written in slices, so that every buffer on the way (the joined frames, the
+                # TLS records) stays under glibc's mmap threshold (128 KiB).
+                moved = self.proto.pump(min(budget, WRITE_SLICE_BYTES))
+                if not moved:
+                    break
+                budget -= moved
+                self._write_out(t)
+            if moved and self.proto.has_pending:
                 # The transport took everything (it may write straight to the socket and never
                 # pause us): come back on the next loop pass. If the windows are what stops us,
                 # pump() sends nothing and the peer's WINDOW_UPDATE wakes us instead.
                 self._schedule_flush()
-        data = self.proto.data_to_send()
-        if data:
-            self.bytes_out += len(data)
-            t.write(data)
+        self._write_out(t)
         for ev in self.proto.take_events():
             self._dispatch(ev)
         if self._backlogged:
@@ -433,6 +443,12 @@ class TunnelConnection(asyncio.BufferedProtocol):
                 if not st.backlogged or st.error is not None:
                     self._backlogged.discard(st)
                     st._on_writable()
+
+    def _write_out(self, t: asyncio.Transport) -> None:
+        data = self.proto.data_to_send()
+        if data:
+            self.bytes_out += len(data)
+            t.write(data)
 
     def _schedule_flush(self) -> None:
         if not self._flush_scheduled:
@@ -518,8 +534,27 @@ class TunnelConnection(asyncio.BufferedProtocol):
             self._transport.abort()
 
 
-class LocalPipe(asyncio.Protocol):
-    """Splices a local transport (TCP socket, socketpair, hijacked HTTP connection) to a stream."""
+class _ReadBuffer(threading.local):
+    """One receive buffer per thread (per event loop), shared by every :class:`LocalPipe`.
+
+    Sharing is safe because a transport fills the buffer and calls ``buffer_updated()``
+    synchronously, and :meth:`LocalPipe.buffer_updated` copies the bytes out at once.
+    """
+
+    def __init__(self) -> None:
+        self.view = memoryview(bytearray(READ_CHUNK_BYTES))
+
+
+_read_buffer = _ReadBuffer()
+
+
+class LocalPipe(asyncio.BufferedProtocol):
+    """Splices a local transport (TCP socket, socketpair, hijacked HTTP connection) to a stream.
+
+    A ``BufferedProtocol``: otherwise uvloop hands over a new bytes object of up to 256 KiB per
+    read, over glibc's mmap threshold. ``data_received`` stays for transports that ignore
+    buffered protocols.
+    """
 
     def __init__(self, stream: TunnelStream, on_lost: Callable[[Exception | None], Any] | None
                  = None, *, defer: bool = False) -> None:
@@ -599,15 +634,24 @@ class LocalPipe(asyncio.Protocol):
         self.stream.release_held_acks()
 
     # local -> tunnel
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return _read_buffer.view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(bytes(_read_buffer.view[:nbytes]))
+
     def data_received(self, data: bytes) -> None:
         if self._defer:
             self._early.append(data)
             return
         st = self.stream
         st.write(data)
-        if st.backlogged and self.transport is not None and not self._reading_paused:
+        # Asks the transport, not our flag: whoever handed us the transport may resume its
+        # reading after we paused it (uvloop even starts reading after connection_made()).
+        t = self.transport
+        if st.backlogged and t is not None and (not self._reading_paused or t.is_reading()):
             self._reading_paused = True
-            self.transport.pause_reading()
+            t.pause_reading()
 
     def resume_local_reading(self) -> None:
         if self._reading_paused and self.transport is not None:

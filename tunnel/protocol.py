@@ -38,6 +38,7 @@ No sockets, clocks or sleeps here: callers pass the time where one is needed.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import struct
@@ -349,6 +350,28 @@ class _DrainAwareH2(h2.connection.H2Connection):
 
 # --- the protocol object --------------------------------------------------------------------------
 
+# Frame types and flags this module reads or writes itself (RFC 9113 section 6).
+_DATA = 0x0
+_HEADERS = 0x1
+_PUSH_PROMISE = 0x5
+_WINDOW_UPDATE = 0x8
+_CONTINUATION = 0x9
+_END_STREAM = 0x1
+_END_HEADERS = 0x4
+_PADDED = 0x8
+_FRAME_HEAD = struct.Struct(">IBI")  # (length << 8 | type), flags, stream id
+_WINDOW_INCREMENT = struct.Struct(">I")
+_MAX_WINDOW = 2**31 - 1
+_CLIENT_MAGIC_LEN = 24
+
+
+def _frame_head(length: int, ftype: int, flags: int, stream_id: int) -> bytes:
+    return _FRAME_HEAD.pack((length << 8) | ftype, flags, stream_id)
+
+
+def _window_update(stream_id: int, increment: int) -> bytes:
+    return _frame_head(4, _WINDOW_UPDATE, 0, stream_id) + _WINDOW_INCREMENT.pack(increment)
+
 
 @dataclass
 class _Stream:
@@ -358,6 +381,9 @@ class _Stream:
     local_ended: bool = False
     remote_ended: bool = False
     accepted: bool = False
+    out_window: int = 65535  # what the peer still lets us send on this stream
+    in_window: int = 65535  # what we still let the peer send
+    in_unacked: int = 0  # consumed by the application, not yet given back to the peer
 
 
 class TunnelProtocol:
@@ -366,6 +392,14 @@ class TunnelProtocol:
     Call :meth:`initiate` once, then loop: feed received bytes to :meth:`receive_data`, handle
     the events, call :meth:`pump` with a budget when the transport can take more, and write
     :meth:`data_to_send` out.
+
+    DATA frames and flow control (WINDOW_UPDATE, both directions) are handled here rather than
+    by h2: h2's per-frame bookkeeping cost about 100 microseconds per frame on the project
+    machine, half of a small round trip's CPU (docs/tunnel.md, "Why these settings").
+    Everything else (SETTINGS, HEADERS/HPACK and stream states, RST_STREAM, PING, GOAWAY, and
+    DATA on streams this object does not know) still goes through h2, which therefore never
+    sees a DATA frame's payload nor a window change; the end of a stream reaches h2 as an empty
+    ``END_STREAM`` DATA frame so its stream state machine stays exact.
     """
 
     def __init__(self, role: str, settings: TunnelSettings | None = None) -> None:
@@ -382,10 +416,23 @@ class TunnelProtocol:
         self._ready: deque[int] = deque()  # streams with pending data, round-robin order
         self._pings: dict[bytes, float] = {}
         self._ping_seq = 0
-        self._raw_out = b""
+        self._out: list[bytes | memoryview] = []
         self._local_events: list[Event] = []
         # First bytes from the peer, until its preface is checked (None afterwards).
         self._head: bytearray | None = bytearray()
+        self._magic_left = _CLIENT_MAGIC_LEN if role == "agent" else 0
+        self._partial = bytearray()  # an incomplete frame from the previous receive_data()
+        self._in_header_block = False  # HEADERS without END_HEADERS: only CONTINUATION may follow
+        # Connection-level flow control (RFC 9113 section 6.9), both directions.
+        self._out_window = 65535
+        self._in_window = 65535
+        self._in_unacked = 0
+        self._peer_initial_window = 65535
+        s = self.settings
+        # Give window back once a quarter of it was consumed: often enough that the sender
+        # never waits on a lazy update, rarely enough to stay a few frames per window.
+        self._stream_ack_threshold = max(1, s.stream_window_bytes // 4)
+        self._conn_ack_threshold = max(1, s.connection_window_bytes // 4)
         self.draining = False
         self.closed = False
 
@@ -409,33 +456,166 @@ class TunnelProtocol:
         extra = s.connection_window_bytes - 65535
         if extra > 0:
             self._h2.increment_flow_control_window(extra)
+            self._in_window += extra
 
     # --- input -------------------------------------------------------------------------------
 
-    def receive_data(self, data: bytes) -> list[Event]:
-        """Feed bytes from the peer; returns what happened. Raises TunnelProtocolError."""
+    def receive_data(self, data: bytes | bytearray | memoryview) -> list[Event]:
+        """Feed bytes from the peer; returns what happened. Raises TunnelProtocolError.
+
+        ``data`` may be a view of a buffer the caller reuses: nothing keeps a reference to it.
+        """
         if self.closed:
             return []
+        out: list[Event] = self.take_events()
+        view = memoryview(data)
         if self._head is not None:
-            self._check_preface(data)
+            self._check_preface(view)
+        if self._magic_left:
+            n = min(self._magic_left, len(view))
+            self._to_h2(view[:n], out)
+            self._magic_left -= n
+            view = view[n:]
+        if self._partial:
+            view = self._complete_partial(view, out)
+        end = len(view)
+        pos = 0
+        slow_from = -1  # start of a run of frames for h2, fed in one call
+        max_len = self.settings.max_frame_bytes
+        while end - pos >= 9:
+            head, flags, sid = _FRAME_HEAD.unpack_from(view, pos)
+            length, ftype = head >> 8, head & 0xFF
+            if length > max_len:
+                self.closed = True
+                raise TunnelProtocolError("tunnel peer sent an overlong frame")
+            if end - pos - 9 < length:
+                break
+            if self._fast_frame(view, pos, length, ftype, flags, sid, slow_from, out):
+                slow_from = -1
+            elif slow_from < 0:
+                slow_from = pos
+            pos += 9 + length
+        if slow_from >= 0:
+            self._to_h2(view[slow_from:pos], out)
+        if pos < end:
+            self._partial = bytearray(view[pos:])
+        return out
+
+    def _complete_partial(self, view: memoryview, out: list[Event]) -> memoryview:
+        """Finish the frame cut by the previous read; returns the rest of ``view``."""
+        p = self._partial
+        if len(p) < 9:
+            take = min(9 - len(p), len(view))
+            p += view[:take]
+            view = view[take:]
+            if len(p) < 9:
+                return view
+        head, flags, sid = _FRAME_HEAD.unpack_from(p, 0)
+        length, ftype = head >> 8, head & 0xFF
+        if length > self.settings.max_frame_bytes:
+            self.closed = True
+            raise TunnelProtocolError("tunnel peer sent an overlong frame")
+        take = min(9 + length - len(p), len(view))
+        p += view[:take]
+        view = view[take:]
+        if len(p) == 9 + length:
+            frame = memoryview(bytes(p))
+            self._partial = bytearray()
+            if not self._fast_frame(frame, 0, length, ftype, flags, sid, -1, out):
+                self._to_h2(frame, out)
+        return view
+
+    def _fast_frame(self, view: memoryview, pos: int, length: int, ftype: int, flags: int,
+                    sid: int, slow_from: int, out: list[Event]) -> bool:
+        """Handle a DATA or WINDOW_UPDATE frame here; False: it is h2's (or it is an error).
+
+        ``slow_from`` >= 0 means frames before this one still wait for h2: they are fed first,
+        so events keep the order of the frames.
+        """
+        if self._in_header_block or ftype not in (_DATA, _WINDOW_UPDATE):
+            if ftype in (_HEADERS, _PUSH_PROMISE, _CONTINUATION):
+                self._in_header_block = not flags & _END_HEADERS
+            return False
+        sid &= 0x7FFFFFFF
+        if ftype == _DATA:
+            st = self._streams.get(sid)
+            # Unknown or closed streams, and answers the broker has not accepted yet, go to
+            # h2, which knows the rules for them (RST_STREAM, connection errors).
+            if (st is None or st.remote_ended or (self.role == "broker" and not st.accepted)):
+                return False
+            if slow_from >= 0:
+                self._to_h2(view[slow_from:pos], out)
+            self._data_frame(view, pos, length, flags, sid, st, out)
+            return True
+        if slow_from >= 0:
+            self._to_h2(view[slow_from:pos], out)
+        self._window_update_frame(view, pos, length, sid)
+        return True
+
+    def _data_frame(self, view: memoryview, pos: int, length: int, flags: int, sid: int,
+                    st: _Stream, out: list[Event]) -> None:
+        start, stop = pos + 9, pos + 9 + length
+        if flags & _PADDED:
+            pad = view[start] if length else 0
+            if not length or pad >= length:
+                self.closed = True
+                raise TunnelProtocolError("tunnel peer sent bad DATA padding")
+            start, stop = start + 1, stop - pad
+        if length > self._in_window:
+            self.closed = True
+            raise TunnelProtocolError("tunnel peer overran the connection flow-control window")
+        self._in_window -= length
+        if length > st.in_window:
+            self._in_unacked += length  # the connection window still comes back
+            self._forget(sid)
+            self._safe_reset(sid, h2.errors.ErrorCodes.FLOW_CONTROL_ERROR)
+            out.append(StreamReset(sid, int(h2.errors.ErrorCodes.FLOW_CONTROL_ERROR)))
+            return
+        st.in_window -= length
+        if stop > start:
+            out.append(DataReceived(sid, bytes(view[start:stop]), stop - start))
+        overhead = length - max(0, stop - start)
+        if overhead:  # padding: consumed at once
+            self.acknowledge(sid, overhead)
+        if flags & _END_STREAM:
+            # h2 keeps the stream states: tell it about the end with an empty frame.
+            self._to_h2(memoryview(_frame_head(0, _DATA, _END_STREAM, sid)), out)
+
+    def _window_update_frame(self, view: memoryview, pos: int, length: int, sid: int) -> None:
+        if length != 4:
+            self.closed = True
+            raise TunnelProtocolError("tunnel peer sent a malformed WINDOW_UPDATE")
+        inc = _WINDOW_INCREMENT.unpack_from(view, pos + 9)[0] & 0x7FFFFFFF
+        if sid == 0:
+            if inc == 0 or self._out_window + inc > _MAX_WINDOW:
+                self.closed = True
+                raise TunnelProtocolError("tunnel peer sent a bad connection WINDOW_UPDATE")
+            self._out_window += inc
+            return
+        st = self._streams.get(sid)
+        if st is None:
+            return  # closed (or never opened): nothing to send there any more
+        if inc == 0 or st.out_window + inc > _MAX_WINDOW:
+            self._forget(sid)
+            code = (h2.errors.ErrorCodes.PROTOCOL_ERROR if inc == 0
+                    else h2.errors.ErrorCodes.FLOW_CONTROL_ERROR)
+            self._safe_reset(sid, code)
+            self._local_events.append(StreamReset(sid, int(code)))
+            return
+        st.out_window += inc
+
+    def _to_h2(self, frames: memoryview, out: list[Event]) -> None:
         try:
-            h2_events = self._h2.receive_data(data)
+            h2_events = self._h2.receive_data(bytes(frames))
         except h2.exceptions.ProtocolError as exc:
             self.closed = True
             raise TunnelProtocolError(f"tunnel peer broke HTTP/2: {exc}") from exc
-        # h2 waits for a whole frame before checking its length, so a bogus length would make
-        # it buffer up to 16 MiB of garbage: stop at one maximum-size frame.
-        if len(getattr(self._h2.incoming_buffer, "_data", b"")) > self.settings.max_frame_bytes + 9:
-            self.closed = True
-            raise TunnelProtocolError("tunnel peer sent an overlong frame")
-        out: list[Event] = self.take_events()
         for ev in h2_events:
             self._translate(ev, out)
         while self._h2.drain_notices:
             out.append(DrainRequested(self._h2.drain_notices.pop(0)))
-        return out
 
-    def _check_preface(self, data: bytes) -> None:
+    def _check_preface(self, data: memoryview) -> None:
         """The peer's first frame must be SETTINGS (after the client magic, for the agent)."""
         assert self._head is not None
         magic = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" if self.role == "agent" else b""
@@ -446,6 +626,9 @@ class TunnelProtocol:
                 raise TunnelProtocolError("tunnel peer did not start with the HTTP/2 preface")
             return
         header = bytes(self._head[len(magic):])
+        if magic and bytes(self._head[: len(magic)]) != magic:
+            self.closed = True
+            raise TunnelProtocolError("tunnel peer did not start with the HTTP/2 preface")
         self._head = None
         length = int.from_bytes(header[:3], "big")
         if header[3] != 0x4 or length > self.settings.max_frame_bytes:
@@ -454,13 +637,16 @@ class TunnelProtocol:
 
     def _translate(self, ev: h2.events.Event, out: list[Event]) -> None:
         if isinstance(ev, h2.events.DataReceived):
+            # Only DATA that h2 saw: on streams we do not know (or, at the broker, before the
+            # agent answered). h2 counted it in its own windows; give them back through h2.
             sid = ev.stream_id
             assert sid is not None
-            if sid in self._streams:
-                if ev.data:
-                    out.append(DataReceived(sid, ev.data, ev.flow_controlled_length or 0))
-            else:  # data racing a reset we sent: give the window back and drop it
-                self._h2.acknowledge_received_data(ev.flow_controlled_length or 0, sid)
+            flow = ev.flow_controlled_length or 0
+            if flow:
+                with contextlib.suppress(h2.exceptions.ProtocolError):
+                    self._h2.acknowledge_received_data(flow, sid)
+            if sid in self._streams and ev.data:
+                out.append(DataReceived(sid, ev.data, 0))
             if ev.stream_ended is not None:
                 self._remote_end(sid, out)
         elif isinstance(ev, h2.events.RequestReceived):
@@ -470,7 +656,7 @@ class TunnelProtocol:
             if self.role != "agent" or headers.get(":method") != "CONNECT":
                 self._h2.reset_stream(sid, h2.errors.ErrorCodes.PROTOCOL_ERROR)
                 return
-            self._streams[sid] = _Stream()
+            self._streams[sid] = self._new_stream()
             target = headers.get(":authority", "")
             extra = {k: v for k, v in headers.items() if not k.startswith(":")}
             out.append(StreamRequested(sid, target, extra))
@@ -504,8 +690,14 @@ class TunnelProtocol:
             if sid in self._streams:
                 self._forget(sid)
                 out.append(StreamReset(sid, int(ev.error_code or 0)))
-        elif isinstance(ev, h2.events.WindowUpdated):
-            pass  # pump() looks at the windows
+        elif isinstance(ev, h2.events.RemoteSettingsChanged):
+            changed = ev.changed_settings.get(h2.settings.SettingCodes.INITIAL_WINDOW_SIZE)
+            if changed is not None:
+                # RFC 9113 6.9.2: a new initial window moves every open stream's window.
+                delta = changed.new_value - self._peer_initial_window
+                self._peer_initial_window = changed.new_value
+                for st in self._streams.values():
+                    st.out_window += delta
         elif isinstance(ev, h2.events.PingAckReceived):
             sent = self._pings.pop(bytes(ev.ping_data or b""), None)
             if sent is not None:
@@ -514,7 +706,12 @@ class TunnelProtocol:
             self.closed = True
             reason = (ev.additional_data or b"").decode("utf-8", "replace")
             out.append(ConnectionTerminated(int(ev.error_code or 0), reason))
-        # SettingsAcknowledged, RemoteSettingsChanged, PingReceived (h2 answers it): nothing to do
+        # SettingsAcknowledged, PingReceived (h2 answers it), WindowUpdated (never: window
+        # updates are ours): nothing to do
+
+    def _new_stream(self) -> _Stream:
+        return _Stream(out_window=self._peer_initial_window,
+                       in_window=self.settings.stream_window_bytes)
 
     def _remote_end(self, sid: int, out: list[Event]) -> None:
         st = self._streams.get(sid)
@@ -549,7 +746,7 @@ class TunnelProtocol:
             self._h2.send_headers(sid, hdrs)
         except h2.exceptions.TooManyStreamsError as exc:
             raise TunnelProtocolError("too many streams open on this tunnel") from exc
-        self._streams[sid] = _Stream()
+        self._streams[sid] = self._new_stream()
         return sid
 
     def accept_stream(self, stream_id: int) -> None:
@@ -574,22 +771,32 @@ class TunnelProtocol:
         except h2.exceptions.ProtocolError:
             pass
 
-    def send_data(self, stream_id: int, data: bytes) -> None:
+    def send_data(self, stream_id: int, data: bytes | bytearray | memoryview) -> None:
         """Queue ``data`` for a stream. Small writes to an idle stream go out at once."""
         st = self._streams.get(stream_id)
         if st is None or st.local_ended or st.end_after_pending or not data or self.closed:
             return
-        if (not st.pending and len(data) <= self.settings.interactive_write_bytes
-                and len(data) <= self._sendable(stream_id)):
-            try:
-                self._h2.send_data(stream_id, data)
-            except h2.exceptions.ProtocolError:
-                self._forget(stream_id)
+        if not isinstance(data, bytes):
+            data = bytes(data)  # the caller may reuse its buffer
+        n = len(data)
+        if (not st.pending and n <= self.settings.interactive_write_bytes
+                and n <= self._sendable(st)):
+            self._emit_data(stream_id, st, [data], n)
             return
         if not st.pending:
             self._ready.append(stream_id)
         st.pending.append(memoryview(data))
-        st.pending_bytes += len(data)
+        st.pending_bytes += n
+
+    def _emit_data(self, sid: int, st: _Stream, parts: list[memoryview] | list[bytes],
+                   n: int) -> None:
+        st.out_window -= n
+        self._out_window -= n
+        pending_h2 = self._h2.data_to_send()
+        if pending_h2:  # frames h2 produced earlier (HEADERS, acks) go first
+            self._out.append(pending_h2)
+        self._out.append(_frame_head(n, _DATA, 0, sid))
+        self._out.extend(parts)
 
     def end_stream(self, stream_id: int) -> None:
         """Half-close our direction once the queued data is out."""
@@ -631,14 +838,28 @@ class TunnelProtocol:
         """Return ``n`` flow-controlled bytes of window: call when the data was consumed."""
         if n <= 0 or self.closed:
             return
-        try:
-            # h2 returns the connection window even when the stream is already closed.
-            self._h2.acknowledge_received_data(n, stream_id)
-        except h2.exceptions.ProtocolError:
-            pass
+        self._in_unacked += n
+        if self._in_unacked >= self._conn_ack_threshold:
+            self._in_window += self._in_unacked
+            self._emit_raw(_window_update(0, self._in_unacked))
+            self._in_unacked = 0
+        st = self._streams.get(stream_id)
+        if st is None or st.remote_ended:
+            return  # the peer sends nothing more there: only the connection window matters
+        st.in_unacked += n
+        if st.in_unacked >= self._stream_ack_threshold:
+            st.in_window += st.in_unacked
+            self._emit_raw(_window_update(stream_id, st.in_unacked))
+            st.in_unacked = 0
+
+    def _emit_raw(self, frame: bytes) -> None:
+        pending_h2 = self._h2.data_to_send()
+        if pending_h2:
+            self._out.append(pending_h2)
+        self._out.append(frame)
 
     def buffered(self, stream_id: int) -> int:
-        """Bytes queued on a stream and not yet handed to h2 (for backpressure)."""
+        """Bytes queued on a stream and not yet framed (for backpressure)."""
         st = self._streams.get(stream_id)
         return st.pending_bytes if st is not None else 0
 
@@ -649,11 +870,8 @@ class TunnelProtocol:
     def open_streams(self) -> int:
         return len(self._streams)
 
-    def _sendable(self, sid: int) -> int:
-        try:
-            return min(self._h2.local_flow_control_window(sid), self._h2.max_outbound_frame_size)
-        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError, KeyError):
-            return 0
+    def _sendable(self, st: _Stream) -> int:
+        return min(st.out_window, self._out_window, self._h2.max_outbound_frame_size)
 
     def pump(self, budget: int) -> int:
         """Move up to ``budget`` bytes of queued data into frames, round-robin; returns bytes."""
@@ -667,19 +885,14 @@ class TunnelProtocol:
             if st is None or not st.pending:
                 idle_rounds = 0
                 continue
-            n = min(self._sendable(sid), budget - sent, st.pending_bytes)
+            n = min(self._sendable(st), budget - sent, st.pending_bytes)
             if n <= 0:
                 self._ready.append(sid)
                 idle_rounds += 1
                 continue
             idle_rounds = 0
-            chunk = self._take(st, n)
-            try:
-                self._h2.send_data(sid, chunk)
-            except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
-                self._forget(sid)
-                continue
-            sent += len(chunk)
+            self._emit_data(sid, st, self._take(st, n), n)
+            sent += n
             if st.pending:
                 self._ready.append(sid)
             elif st.end_after_pending:
@@ -687,23 +900,22 @@ class TunnelProtocol:
         return sent
 
     @staticmethod
-    def _take(st: _Stream, n: int) -> bytes:
-        # Queued writes are memoryviews: cutting a frame off a large write must not copy the
-        # rest of it (that made large writes quadratic).
-        first = st.pending[0]
-        if len(first) <= n:
-            st.pending.popleft()
-            parts = [first]
-            total = len(first)
-            while st.pending and total + len(st.pending[0]) <= n:
-                nxt = st.pending.popleft()
-                parts.append(nxt)
-                total += len(nxt)
-            st.pending_bytes -= total
-            return bytes(first) if len(parts) == 1 else b"".join(parts)
-        st.pending[0] = first[n:]
+    def _take(st: _Stream, n: int) -> list[memoryview]:
+        # Queued writes are memoryviews: a frame is cut off them without copying (the one
+        # copy happens when data_to_send() joins the frames).
+        parts: list[memoryview] = []
+        left = n
+        while left:
+            first = st.pending[0]
+            if len(first) <= left:
+                parts.append(st.pending.popleft())
+                left -= len(first)
+            else:
+                parts.append(first[:left])
+                st.pending[0] = first[left:]
+                left = 0
         st.pending_bytes -= n
-        return bytes(first[:n])
+        return parts
 
     @property
     def has_pending(self) -> bool:
@@ -739,7 +951,7 @@ class TunnelProtocol:
         frame.error_code = 0
         frame.additional_data = DRAIN_DEBUG_DATA
         # Written beside h2 rather than through it: h2 would consider itself closed.
-        self._raw_out += frame.serialize()
+        self._emit_raw(frame.serialize())
 
     def close(self, error_code: int = 0, reason: str = "") -> None:
         """Send a final GOAWAY; nothing more can happen on this tunnel."""
@@ -753,7 +965,11 @@ class TunnelProtocol:
 
     def data_to_send(self) -> bytes:
         """Bytes to write to the transport now."""
-        out = self._h2.data_to_send()
-        if self._raw_out:
-            out, self._raw_out = out + self._raw_out, b""
+        pending_h2 = self._h2.data_to_send()
+        if not self._out:
+            return pending_h2
+        if pending_h2:
+            self._out.append(pending_h2)
+        out = b"".join(self._out)
+        self._out.clear()
         return out
