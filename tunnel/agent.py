@@ -20,7 +20,6 @@ crunch-run calls :func:`start_gateway` (docs/internals.md, "crunch-run <-> gatew
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import socket
@@ -146,9 +145,11 @@ class Agent:
         self.connections: set[TunnelConnection] = set()
         self.broker_url = ""
         self.registrations = 0
+        self.last_error = ""  # why the last attempt failed (set before the backoff wait)
         self.registered = asyncio.Event()
         self._drain_now = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._retiring: set[asyncio.Task[None]] = set()
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self.run(), name="tunnel-agent")
@@ -169,20 +170,28 @@ class Agent:
         hs = _Handshake(request, make_conn)
         sslctx = make_ssl_context(self.insecure, self.ca_file) if self.use_tls else None
         try:
-            transport, _ = await asyncio.wait_for(
-                loop.create_connection(lambda: hs, self.host, self.port, ssl=sslctx,
-                                       server_hostname=self.host if sslctx else None),
-                self.connect_timeout_s)
-            return await asyncio.wait_for(hs.result, self.connect_timeout_s)
+            # asyncio.timeout(), not wait_for(): on Python 3.11 wait_for() returns the inner
+            # result when a cancellation arrives as that result does, so the task would go on
+            # with a fresh tunnel although it was told to stop.
+            async with asyncio.timeout(self.connect_timeout_s):
+                await loop.create_connection(lambda: hs, self.host, self.port, ssl=sslctx,
+                                             server_hostname=self.host if sslctx else None)
+            async with asyncio.timeout(self.connect_timeout_s):
+                return await hs.result
         except (OSError, ssl.SSLError) as exc:
             raise AgentError(f"cannot reach the broker at {self.host}:{self.port}: {exc}") from exc
         except TimeoutError:
             if hs.transport is not None:
                 hs.transport.abort()
             raise AgentError("broker did not answer the upgrade in time") from None
+        except asyncio.CancelledError:
+            # Whatever got this far (a TLS session, maybe a registered tunnel) goes with us.
+            if hs.transport is not None:
+                hs.transport.abort()
+            raise
 
     async def run(self) -> None:
-        """Reconnect loop; see the module docstring."""
+        """Reconnect loop; see the module docstring. Cancelling it ends it at any await."""
         delays = backoff_delays(self.backoff_min_s, self.backoff_max_s)
         while True:
             self._drain_now.clear()
@@ -190,6 +199,7 @@ class Agent:
                 conn, url = await self.connect_once()
             except AgentError as exc:
                 delay = next(delays)
+                self.last_error = str(exc)
                 self.log.warning("tunnel: %s; retrying in %.1fs", exc, delay)
                 await asyncio.sleep(delay)
                 continue
@@ -200,13 +210,16 @@ class Agent:
             self.log.info("tunnel registered with broker %s", url or f"{self.host}:{self.port}")
             started = asyncio.get_running_loop().time()
             drain: asyncio.Future[Any] = asyncio.ensure_future(self._drain_now.wait())
-            closed: asyncio.Future[Any] = conn.closed
-            await asyncio.wait([closed, drain], return_when=asyncio.FIRST_COMPLETED)
-            drain.cancel()
+            try:
+                await asyncio.wait([conn.closed, drain], return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                drain.cancel()
             if not conn.closed.done():
                 # Drain: a new tunnel now, the old one lives until its streams are done.
                 self.log.info("broker asked to reconnect; dialling a new tunnel")
-                asyncio.get_running_loop().create_task(self._retire(conn))
+                retire = asyncio.get_running_loop().create_task(self._retire(conn))
+                self._retiring.add(retire)
+                retire.add_done_callback(self._retiring.discard)
                 delays = backoff_delays(self.backoff_min_s, self.backoff_max_s)
                 await asyncio.sleep(random.uniform(0, 0.2))
                 continue
@@ -215,21 +228,25 @@ class Agent:
             if asyncio.get_running_loop().time() - started > 30:
                 delays = backoff_delays(self.backoff_min_s, self.backoff_max_s)
             delay = next(delays)
+            self.last_error = conn.close_reason
             self.log.warning("tunnel closed (%s); reconnecting in %.1fs", conn.close_reason, delay)
             await asyncio.sleep(delay)
 
     async def _retire(self, conn: TunnelConnection) -> None:
-        while conn.stream_count and not conn.closed.done():  # noqa: ASYNC110 - bounded poll
-            await asyncio.sleep(0.5)
-        conn.close()
-        self.connections.discard(conn)
+        try:
+            while conn.stream_count and not conn.closed.done():  # noqa: ASYNC110 - bounded poll
+                await asyncio.sleep(0.5)
+        finally:
+            conn.close()
+            self.connections.discard(conn)
 
     async def aclose(self) -> None:
-        """Stop reconnecting and close every tunnel."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+        """Stop reconnecting and close every tunnel (returns once the agent task has ended)."""
+        tasks = [t for t in (self._task, *self._retiring) if t is not None]
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
         for conn in list(self.connections):
             conn.close()
         self.connections.clear()
@@ -250,8 +267,9 @@ async def serve_gateway_stream(gateway: Gateway, target_ip: str, conn: TunnelCon
         elif host == PORT_TARGET_HOST and port_text.isdigit() and 0 < int(port_text) < 65536:
             port = int(port_text)
             try:
-                _, pipe = await asyncio.wait_for(loop.create_connection(
-                    lambda: LocalPipe(st, defer=True), target_ip, port), connect_timeout_s)
+                async with asyncio.timeout(connect_timeout_s):
+                    _, pipe = await loop.create_connection(
+                        lambda: LocalPipe(st, defer=True), target_ip, port)
             except (OSError, TimeoutError) as exc:
                 conn.refuse(st, 502, f"cannot connect to port {port} in the container: {exc}")
                 return

@@ -561,7 +561,8 @@ class Broker:
                 # The stream is over: let the last bytes reach the client, then close.
                 pipe.transport.close()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(asyncio.shield(pipe.lost), 10)
+                    async with asyncio.timeout(10):
+                        await asyncio.shield(pipe.lost)
         finally:
             if pipe.transport is not None:
                 pipe.transport.abort()
@@ -584,10 +585,11 @@ class Broker:
         loop = asyncio.get_running_loop()
         reader = _HeadReader(req)
         try:
-            transport, _ = await asyncio.wait_for(loop.create_connection(
-                lambda: reader, host, port, ssl=sslctx, server_hostname=host),
-                self.forward_timeout_s)
-            head = await asyncio.wait_for(reader.head, self.forward_timeout_s)
+            async with asyncio.timeout(self.forward_timeout_s):
+                transport, _ = await loop.create_connection(
+                    lambda: reader, host, port, ssl=sslctx, server_hostname=host)
+            async with asyncio.timeout(self.forward_timeout_s):
+                head = await reader.head
         except (OSError, TimeoutError, ssl.SSLError) as exc:
             raise BrokerError(f"cannot reach the controller holding the tunnel: {exc}",
                               503) from exc

@@ -478,7 +478,8 @@ class TunnelConnection(asyncio.BufferedProtocol):
         self._streams[sid] = st
         self.flush()
         try:
-            await asyncio.wait_for(asyncio.shield(st.accepted), timeout_s)
+            async with asyncio.timeout(timeout_s):  # not wait_for(): it can lose a cancel
+                await asyncio.shield(st.accepted)
         except TimeoutError:
             st.abort()
             raise StreamError("the container gateway did not answer in time", 504) from None

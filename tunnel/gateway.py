@@ -248,8 +248,9 @@ class _Session(asyncssh.SSHServerSession):
         try:
             code = await proc.wait()
             # Output written just before exit is still in the pty: read it to the end.
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(asyncio.shield(self._master_done), 2.0)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(2.0):
+                    await asyncio.shield(self._master_done)
             return code
         finally:
             with contextlib.suppress(Exception):

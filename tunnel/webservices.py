@@ -221,7 +221,8 @@ class WebServices:
         buf = b""
         try:
             while b"\r\n\r\n" not in buf:
-                chunk = await asyncio.wait_for(st.read(), 60)
+                async with asyncio.timeout(60):
+                    chunk = await st.read()
                 if not chunk:
                     raise WebError("the container closed the connection without answering", 502)
                 buf += chunk
@@ -251,7 +252,8 @@ class WebServices:
             if pipe.transport is not None:
                 pipe.transport.close()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(asyncio.shield(pipe.lost), 10)
+                    async with asyncio.timeout(10):
+                        await asyncio.shield(pipe.lost)
         finally:
             if pipe.transport is not None:
                 pipe.transport.abort()
@@ -296,10 +298,11 @@ class WebServices:
         upstream, client = _Splice(), _Splice()
         upstream.peer, client.peer = client, upstream
         try:
-            transport, _ = await asyncio.wait_for(loop.create_connection(
-                lambda: upstream, host, port,
-                ssl=_client_ssl(self.broker.config.tls_insecure, self.broker.config.ca_file),
-                server_hostname=host), 30)
+            async with asyncio.timeout(30):
+                transport, _ = await loop.create_connection(
+                    lambda: upstream, host, port,
+                    ssl=_client_ssl(self.broker.config.tls_insecure, self.broker.config.ca_file),
+                    server_hostname=host)
         except (OSError, TimeoutError, ssl.SSLError) as exc:
             raise WebError(f"cannot reach the controller holding the tunnel: {exc}",
                            503) from exc

@@ -54,13 +54,14 @@ class GatewayHandle:
             return
         self._closed = True
         # Bounded: a gateway that does not stop must not keep the container from finishing.
+        # tunnel.agent ends at the first cancellation (it uses asyncio.timeout(), not 3.11's
+        # wait_for(), which could swallow one); a close that still hangs is cancelled once,
+        # which also cancels whatever it awaits, and then abandoned.
         task = asyncio.ensure_future(self._close())
-        done, _ = await asyncio.wait({task}, timeout=min(1.0, self.close_timeout_s))
+        done, _ = await asyncio.wait({task}, timeout=self.close_timeout_s)
         if not done:
-            # Cancelling the close also re-cancels whatever it awaits: this unsticks a gateway
-            # task whose first cancellation was lost (Python 3.11 wait_for can swallow one).
             task.cancel()
-            done, _ = await asyncio.wait({task}, timeout=self.close_timeout_s)
+            done, _ = await asyncio.wait({task}, timeout=1.0)
         if not done:
             log.warning("the container gateway did not stop within %gs; abandoning it",
                         self.close_timeout_s)

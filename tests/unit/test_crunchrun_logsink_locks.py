@@ -265,7 +265,7 @@ def test_gateway_close_is_bounded_and_recancels(monkeypatch: pytest.MonkeyPatch)
     async def go() -> bool:
         handle = await start_gateway(_ctx(), "sticky_agent")
         assert handle is not None
-        handle.close_timeout_s = 5
+        handle.close_timeout_s = 0.5
         await handle.aclose()
         return all(t.done() for t in asyncio.all_tasks() if t is not asyncio.current_task())
 

@@ -166,9 +166,11 @@ async def open_upgraded(api: ApiTarget, uuid: str, protocol_factory: Callable[[]
     up = _Upgrade(req)
     sslctx = api.ssl_context()
     try:
-        transport, _ = await asyncio.wait_for(loop.create_connection(
-            lambda: up, host, port, ssl=sslctx, server_hostname=host), timeout_s)
-        head = await asyncio.wait_for(up.done, timeout_s)
+        async with asyncio.timeout(timeout_s):
+            transport, _ = await loop.create_connection(
+                lambda: up, host, port, ssl=sslctx, server_hostname=host)
+        async with asyncio.timeout(timeout_s):
+            head = await up.done
     except ssl.SSLError as exc:
         raise ShellRefused(f"TLS error talking to {host}:{port}: {exc} (set "
                            "ARVADOS_API_HOST_INSECURE=1 for a development certificate, or "
@@ -184,7 +186,8 @@ async def open_upgraded(api: ApiTarget, uuid: str, protocol_factory: Callable[[]
         while len(up.parser.rest) < want and loop.time() < end and not transport.is_closing():
             up.more.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(up.more.wait(), 0.2)
+                async with asyncio.timeout(0.2):
+                    await up.more.wait()
         transport.close()
         raise ShellRefused(refusal_message(head.status, up.parser.rest), head.status)
     if head.header("upgrade").lower() != "ssh":

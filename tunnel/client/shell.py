@@ -106,9 +106,9 @@ async def run_command_async(api: ApiTarget, uuid: str, argv: list[str], *,
     async with asyncssh.connect("container", tunnel=_Tunnel(), username=login_username,
                                 known_hosts=None, password=None, client_keys=None,
                                 agent_path=None, preferred_auth="none") as conn:
-        res = await asyncio.wait_for(
-            conn.run(" ".join(shlex.quote(a) for a in argv), check=False, encoding="utf-8",
-                     stdin=asyncssh.DEVNULL), timeout_s)
+        async with asyncio.timeout(timeout_s):
+            res = await conn.run(" ".join(shlex.quote(a) for a in argv), check=False,
+                                 encoding="utf-8", stdin=asyncssh.DEVNULL)
     code = res.exit_status if res.exit_status is not None else 255
     out = res.stdout if isinstance(res.stdout, str) else ""
     return code, out
