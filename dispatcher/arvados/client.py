@@ -41,7 +41,6 @@ import json
 import logging
 import os
 import random
-import re
 import secrets
 import ssl
 import string
@@ -62,6 +61,7 @@ from dispatcher.arvados.errors import (
     Unprocessable,
     error_for_status,
 )
+from dispatcher.arvados.ids import UUID_RE
 from dispatcher.logs import redact, register_secret
 
 if TYPE_CHECKING:
@@ -82,7 +82,6 @@ __all__ = [
 log = logging.getLogger("crunchgate.arvados.client")
 
 API_PREFIX = "/arvados/v1/"
-UUID_RE = re.compile(r"^[a-z0-9]{5}-[a-z0-9]{5}-[a-z0-9]{15}$")
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "PUT", "PATCH", "DELETE", "OPTIONS"})
 TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
 _ALNUM = string.ascii_lowercase + string.digits
