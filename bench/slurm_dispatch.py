@@ -115,6 +115,12 @@ def metrics(port: int, token: str) -> dict[str, float]:
         m = re.match(r"^crunchgate_dispatch_poll_duration_seconds_count ([0-9.e+]+)$", line)
         if m:
             out["polls"] = float(m.group(1))
+        m = re.match(r"^crunchgate_dispatch_poll_duration_seconds_sum ([0-9.e+]+)$", line)
+        if m:
+            out["poll_s"] = float(m.group(1))
+        m = re.match(r"^crunchgate_slurm_renice_pending_jobs ([0-9.e+]+)$", line)
+        if m:
+            out["renice_pending"] = float(m.group(1))
     return out
 
 
@@ -200,15 +206,20 @@ def steady(work: Path, m: int, seconds: float, poll: str) -> dict[str, Any]:
         submit_s = time.monotonic() - t0
         assert site.disp.proc is not None
         pid = site.disp.proc.pid
-        # wait until renicing has settled: no scontrol between two looks a few polls apart
+        # Wait until renicing has settled: the last renice pass, planned on a squeue taken
+        # after every job was listed, found nothing to change, and no scontrol ran between two
+        # looks a few polls apart (the counter counts commands that ran, not queued ones).
         prev = metrics(site.port, site.ctl.management_token).get("scontrol", 0)
-        settle_deadline = time.monotonic() + 600
+        settle_deadline = time.monotonic() + 900
         while True:
             time.sleep(max(5.0, 3 * float(poll.rstrip("s"))))
-            cur = metrics(site.port, site.ctl.management_token).get("scontrol", 0)
-            if cur == prev or time.monotonic() > settle_deadline:
+            now = metrics(site.port, site.ctl.management_token)
+            cur = now.get("scontrol", 0)
+            if (cur == prev and now.get("renice_pending", 1) == 0) or \
+                    time.monotonic() > settle_deadline:
                 break
             prev = cur
+        settle_s = time.monotonic() - t0 - submit_s
         m0 = metrics(site.port, site.ctl.management_token)
         c0, _ = cpu_rss(pid)
         t0 = time.monotonic()
@@ -218,10 +229,15 @@ def steady(work: Path, m: int, seconds: float, poll: str) -> dict[str, Any]:
         dt = time.monotonic() - t0
         per_min = {k: (m1.get(k, 0) - m0.get(k, 0)) * 60 / dt
                    for k in ("squeue", "sbatch", "scontrol", "scancel", "sinfo", "polls")}
+        polls = m1.get("polls", 0) - m0.get("polls", 0)
+        poll_avg = (m1.get("poll_s", 0) - m0.get("poll_s", 0)) / polls if polls else 0.0
         nices = sh("squeue", "--all", "--noheader", "--format=%y").split()
         return {"created_s": created_s, "submit_s": submit_s, "per_min": per_min,
                 "cpu_pct": 100 * (c1 - c0) / dt, "rss_mib": rss, "initial_scontrol": prev,
-                "distinct_nice": len(set(nices)), "jobs": len(nices)}
+                "settle_s": settle_s, "poll_avg_s": poll_avg,
+                "renice_pending": m1.get("renice_pending", -1),
+                "distinct_nice": len(set(nices)), "nice10000": nices.count("10000"),
+                "jobs": len(nices)}
     finally:
         site.close()
         cancel_all()
@@ -258,13 +274,16 @@ def main() -> int:
             polls = pm["polls"] or 1
             print(f"[2] steady state, {r['jobs']} pending jobs ({args.steady} containers, "
                   f"PollInterval {args.poll}; created in {r['created_s']:.0f}s, all in squeue "
-                  f"{r['submit_s']:.0f}s after start, {r['initial_scontrol']:.0f} renice calls "
-                  f"to order them, {r['distinct_nice']} distinct nice values):")
+                  f"{r['submit_s']:.0f}s after start, ordered {r['settle_s']:.0f}s later with "
+                  f"{r['initial_scontrol']:.0f} renice calls; {r['distinct_nice']} distinct nice "
+                  f"values, {r['nice10000']} jobs still at nice 10000, last renice pass found "
+                  f"{r['renice_pending']:.0f} to change):")
             print(f"    per minute: {pm['polls']:.1f} polls, {pm['squeue']:.1f} squeue "
                   f"({pm['squeue'] / polls:.2f} per poll), {pm['scontrol']:.1f} scontrol, "
                   f"{pm['sbatch']:.1f} sbatch, {pm['scancel']:.1f} scancel, "
                   f"{pm['sinfo']:.1f} sinfo")
-            print(f"    dispatcher CPU {r['cpu_pct']:.1f}% of one core, RSS {r['rss_mib']:.0f} MiB")
+            print(f"    poll duration {r['poll_avg_s']:.2f}s on average; dispatcher CPU "
+                  f"{r['cpu_pct']:.1f}% of one core, RSS {r['rss_mib']:.0f} MiB")
     finally:
         shutil.rmtree(work, ignore_errors=True)
         if started:

@@ -14,8 +14,8 @@ It only talks to Slurm; the loop (:mod:`dispatcher.core.loop`) decides everythin
   looked up in squeue.
 * :meth:`SlurmBackend.cancel` -- scancel pending, then TERM to the batch shell of running and
   suspended jobs (reference 3.8).
-* :meth:`SlurmBackend.set_priorities` -- PrioritySpread renice, ``scontrol update`` only for the
-  jobs whose nice must change.
+* :meth:`SlurmBackend.set_priorities` -- PrioritySpread renice, ``scontrol update JobId=`` only
+  for the jobs whose nice must change.
 """
 
 from __future__ import annotations
@@ -49,6 +49,10 @@ SETTLE_S = 2.0
 #: At most this many scontrol renice calls per poll: a freshly adopted queue of 10,000 jobs is
 #: reniced over several polls instead of in one burst.
 MAX_RENICE_PER_POLL = 2000
+#: A renice pass is cut after max(this, 4 x CommandTimeout): the loop starts no new pass while
+#: one runs, so a pass that never ended would freeze the order for good. By job id, 2,000
+#: calls take ~20-40 s on the 2-core dev VM.
+RENICE_PASS_MIN_S = 60.0
 
 JobEndedHook = Callable[[str, str, parse.SqueueRow], Awaitable[None]]
 
@@ -90,6 +94,12 @@ class SlurmBackend(Backend):
             ["state"], registry=reg,
         )
         self._known_states: set[str] = set()
+        self._renice_gauge = Gauge(
+            "crunchgate_slurm_renice_pending_jobs",
+            "Jobs whose nice had to change when the last renice pass was planned "
+            "(0: the Slurm queue follows the containers' priority order)",
+            registry=reg,
+        )
 
     # --- queue --------------------------------------------------------------------------------
 
@@ -274,24 +284,28 @@ class SlurmBackend(Backend):
             if j.priority is not None and j.priority > 0 and j.nice is not None
         }
         plan = plan_renice(wanted, current, self.cfg.containers.slurm.priority_spread)
+        self._renice_gauge.set(len(plan))
         if not plan:
             return
+        # The most wanted first: with more than MAX_RENICE_PER_POLL changes, the top of the
+        # queue is put in order first and the rest on later polls (each pass is planned again
+        # from a fresh squeue, so nothing is remembered as "done" that Slurm did not do).
         items = sorted(plan.items(), key=lambda kv: -wanted.get(kv[0], 0))[:MAX_RENICE_PER_POLL]
         errors = 0
 
         async def one(name: str, nice: int) -> None:
             nonlocal errors
             try:
-                await self.cli.set_nice(name, nice)
+                await self.cli.set_nice(name, nice, job_id=jobs[name].job_id)
             except SlurmCommandError as exc:
+                if "already finished" in exc.message:
+                    return  # it ended after the squeue this pass was planned on: nothing to do
                 errors += 1
                 if errors <= 3:
-                    log.warning("scontrol update JobName=%s Nice=%d: %s", name, nice, exc,
-                                extra={"container_uuid": name})
+                    log.warning("scontrol update JobId=%s Nice=%d: %s", jobs[name].job_id, nice,
+                                exc, extra={"container_uuid": name})
 
-        # Bounded: the loop starts no new renice pass while one runs, so a pass that never
-        # ended would freeze the order for good.
-        deadline = max(60.0, 4 * self.cli.timeout_s)
+        deadline = max(RENICE_PASS_MIN_S, 4 * self.cli.timeout_s)
         try:
             await asyncio.wait_for(asyncio.gather(*(one(n, v) for n, v in items)), deadline)
         except TimeoutError:

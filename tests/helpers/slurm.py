@@ -11,6 +11,7 @@ Skipped (with the reason) only if slurm-wlm is not installed or we are not root.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import shutil
@@ -20,9 +21,12 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from dispatcher.proc import CommandResult, CommandRunner
+from dispatcher.slurm.commands import SlurmCLI
 from tests.helpers.paths import REPO_ROOT
 
 SCRIPT = REPO_ROOT / "contrib" / "slurm" / "dev-cluster.sh"
@@ -204,3 +208,155 @@ class SlurmDispatcherProcess:
             return self.log_path.read_text(errors="replace")
         except OSError:
             return ""
+
+
+# --- an in-memory Slurm for tests at scale ------------------------------------------------------
+
+
+@dataclass
+class ModelJob:
+    job_id: int
+    name: str
+    nice: int
+    partition: str
+    held: bool = False
+    state: str = "PENDING"
+    reason: str = "PartitionDown"
+
+    def priority(self, base: int) -> int:
+        # priority/multifactor with only a partition weight, as the dev cluster: weight - nice.
+        return 0 if self.held else max(1, base - self.nice)
+
+
+class SlurmModel:
+    """squeue / sbatch / scancel / scontrol as an in-memory model, plugged under a real
+    :class:`dispatcher.slurm.commands.SlurmCLI` by replacing its runners (:meth:`attach`): the
+    CLI layer, its metrics and the backend are the real code, only the processes are not.
+
+    Spawning 10,000 processes would take minutes; this answers in microseconds, so the loop's
+    behaviour at scale (renice passes, the per-poll cap, steady state) is testable in seconds.
+    It mimics what matters of Slurm 22.05 as measured on the dev cluster: ``priority = weight -
+    nice``, updated at once; ``scontrol update JobName=`` loads the whole job table (counted in
+    :attr:`job_table_loads`) and also targets ended jobs of that name, failing with "Job has
+    already finished"; ended jobs stay listed by ``squeue --states=all``.
+    """
+
+    BASE_PRIORITY = 10_000_000
+
+    def __init__(self) -> None:
+        self.jobs: dict[int, ModelJob] = {}
+        self._next_id = 1
+        self.calls: list[tuple[str, ...]] = []
+        self.job_table_loads = 0
+        self.in_flight = 0
+        self._changed = asyncio.Condition()
+        #: cleared: scontrol calls wait until it is set (observe a pass in progress)
+        self.scontrol_gate = asyncio.Event()
+        self.scontrol_gate.set()
+
+    # -- the model --
+
+    def submit(self, name: str, nice: int = 10000, partition: str = "parked",
+               held: bool = False) -> ModelJob:
+        job = ModelJob(self._next_id, name, nice, partition, held)
+        self.jobs[job.job_id] = job
+        self._next_id += 1
+        return job
+
+    def live(self) -> dict[str, ModelJob]:
+        return {j.name: j for j in self.jobs.values() if j.state in ("PENDING", "RUNNING")}
+
+    def order(self) -> list[str]:
+        """Live job names, highest Slurm priority first (ties: lowest job id first)."""
+        live = self.live().values()
+        return [j.name for j in sorted(live, key=lambda j: (-j.priority(self.BASE_PRIORITY),
+                                                             j.job_id))]
+
+    def count(self, command: str) -> int:
+        return sum(1 for c in self.calls if c[0] == command)
+
+    # -- the commands --
+
+    def _squeue(self, argv: tuple[str, ...]) -> tuple[int, str, str]:
+        name = next((a.split("=", 1)[1] for a in argv if a.startswith("--name=")), None)
+        lines = [
+            f"{j.job_id} {j.nice} {j.priority(self.BASE_PRIORITY)} {j.state} {j.partition} "
+            f"{j.name} {j.reason if j.state == 'PENDING' else 'None'}"
+            for j in self.jobs.values() if name is None or j.name == name
+        ]
+        return 0, "".join(line + "\n" for line in lines), ""
+
+    def _sbatch(self, argv: tuple[str, ...]) -> tuple[int, str, str]:
+        opts = dict(a[2:].split("=", 1) for a in argv[1:] if a.startswith("--") and "=" in a)
+        job = self.submit(opts.get("job-name", "sbatch"), int(opts.get("nice", "0")),
+                          opts.get("partition", "compute"), held="--hold" in argv)
+        return 0, f"Submitted batch job {job.job_id}\n", ""
+
+    def _scancel(self, argv: tuple[str, ...]) -> tuple[int, str, str]:
+        opts = dict(a[2:].split("=", 1) for a in argv[1:] if a.startswith("--") and "=" in a)
+        for j in self.jobs.values():
+            if j.name == opts.get("name") and j.state == opts.get("state", "").upper():
+                j.state = "CANCELLED"
+        return 0, "", ""
+
+    async def _scontrol(self, argv: tuple[str, ...]) -> tuple[int, str, str]:
+        await self.scontrol_gate.wait()
+        if argv[1:2] != ("update",) or len(argv) != 4 or not argv[3].startswith("Nice="):
+            return 1, "", f"scontrol: model does not know {argv[1:]}"
+        target, nice = argv[2], int(argv[3][5:])
+        if target.startswith("JobId="):
+            found = [self.jobs[int(target[6:])]] if int(target[6:]) in self.jobs else []
+        else:
+            self.job_table_loads += 1  # scontrol lists every job to find the name
+            found = [j for j in self.jobs.values() if j.name == target[8:]]
+        if not found:
+            return 1, "", f"scontrol: error: Invalid job id specified for {target}"
+        errors = []
+        for j in found:
+            if j.state not in ("PENDING", "RUNNING"):
+                errors.append(f"Job has already finished for job {j.job_id}")
+            else:
+                j.nice = nice
+        return (1 if errors else 0), "", "; ".join(errors)
+
+    async def wait_in_flight(self, n: int) -> None:
+        """Wait until at least ``n`` commands are running."""
+        async with self._changed:
+            await self._changed.wait_for(lambda: self.in_flight >= n)
+
+    async def run(self, argv: tuple[str, ...]) -> tuple[int, str, str]:
+        self.calls.append(argv)
+        self.in_flight += 1
+        async with self._changed:
+            self._changed.notify_all()
+        try:
+            if argv[0] == "scontrol":
+                return await self._scontrol(argv)
+            handler = {"squeue": self._squeue, "sbatch": self._sbatch,
+                       "scancel": self._scancel}.get(argv[0])
+            if handler is None:
+                return 127, "", f"{argv[0]}: not in the model"
+            return handler(argv)
+        finally:
+            self.in_flight -= 1
+
+    def attach(self, cli: SlurmCLI) -> None:
+        """Swap the runners of a SlurmCLI for this model (same limits, same metrics hook)."""
+        for attr in ("submit_runner", "renice_runner", "query_runner"):
+            old: CommandRunner = getattr(cli, attr)
+            setattr(cli, attr, ModelRunner(self, max_concurrency=old._sem._value,
+                                           default_timeout_s=old.default_timeout_s,
+                                           on_finish=old._on_finish))
+
+
+class ModelRunner(CommandRunner):
+    """A CommandRunner whose processes are a :class:`SlurmModel`'s commands."""
+
+    def __init__(self, model: SlurmModel, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.model = model
+
+    async def _run_one(self, argv: tuple[str, ...], data: bytes | None, limit_s: float,
+                       env: dict[str, str]) -> CommandResult:
+        rc, out, err = await self.model.run(argv)
+        return CommandResult(argv, rc, out, err, 0.0)

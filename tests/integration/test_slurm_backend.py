@@ -211,6 +211,44 @@ def test_renice_only_changes_and_is_idempotent(slurm: SlurmCluster, tmp_path: Pa
     run(go())
 
 
+def test_renice_by_job_id_over_several_passes(slurm: SlurmCluster, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The multi-pass renice of a big queue (the per-poll cap) at a size real Slurm does in
+    seconds, with an ended job of the same name still listed: renicing by job id neither fails
+    on it nor leaves the order half done."""
+    from dispatcher.slurm import backend as backend_mod
+
+    monkeypatch.setattr(backend_mod, "MAX_RENICE_PER_POLL", 15)
+    backend = SlurmBackend(make_cfg(tmp_path))
+    names = [uuid(300 + i) for i in range(40)]
+    scontrol = backend.cli.metrics.commands.labels("scontrol")
+    scontrol_errors = backend.cli.metrics.errors.labels("scontrol", "other")
+
+    async def go() -> int:
+        # An ended twin: cancelled while pending, still listed by squeue --states=all.
+        await backend.submit(ctr(names[0], partitions=["parked"]))
+        slurm.run("scancel", f"--name={names[0]}")
+        await asyncio.gather(*(backend.submit(ctr(n, partitions=["parked"])) for n in names))
+        wanted = {n: 1000 - i for i, n in enumerate(names)}  # names[0] most wanted
+        passes = 0
+        while True:
+            jobs = await backend.list_jobs()
+            before = scontrol._value.get()
+            await backend.set_priorities(wanted, jobs)
+            if scontrol._value.get() == before:
+                break
+            passes += 1
+            assert passes <= 5
+        order = sorted(names, key=lambda n: -(jobs[n].priority or 0))
+        assert order == names
+        assert [jobs[n].nice for n in names[:3]] == [0, 10, 20]
+        return passes
+
+    assert run(go()) == 3  # 40 changes, 15 per pass
+    assert scontrol._value.get() == 40
+    assert scontrol_errors._value.get() == 0
+
+
 def test_controller_down_is_unknown_not_gone(slurm: SlurmCluster, tmp_path: Path) -> None:
     backend = SlurmBackend(make_cfg(tmp_path))
     run(backend.submit(ctr(uuid(20), partitions=["parked"])))
