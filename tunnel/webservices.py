@@ -17,10 +17,12 @@ its tunnel (reference section 5):
 * websockets (any ``Upgrade``) are passed end to end: after the request head both directions
   are spliced, which the reference does not support (its section 9).
 
-Each request is one tunnel stream and one client connection (``Connection: close``): the
-response is relayed as bytes, so chunked bodies, streaming and upgrades need no special cases.
-When the tunnel is held by another controller, the request goes there once with
-``X-Arvados-No-Forward: 1``.
+Each request is one tunnel stream (the container sees ``Connection: close``), but the client
+keeps its connection: :class:`BodyReader` finds where the container's response body ends
+(``Content-Length``, chunked, or the end of the stream) and aiohttp frames it for the client, so
+several requests can share one client connection (HTTP keep-alive). Upgrades (websockets) take
+the connection over and relay bytes both ways until either end closes. When the tunnel is held
+by another controller, the request goes there once with ``X-Arvados-No-Forward: 1``.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from aiohttp import web
 
 from dispatcher.arvados.errors import ArvadosError, Forbidden, NotFound
 from dispatcher.logs import register_secret
-from tunnel.connection import StreamError
+from tunnel.connection import StreamError, TunnelStream
 from tunnel.errors import TunnelError
 
 if TYPE_CHECKING:
@@ -51,7 +53,7 @@ log = logging.getLogger("crunchgate.tunnel.webservices")
 TARGET_RE = re.compile(r"^([a-z0-9]{5}-(?:dz642|xvhdp)-[a-z0-9]{15})-(\d{1,5})$")
 NO_FORWARD = "X-Arvados-No-Forward"
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "te", "trailer",
-                        "transfer-encoding", "content-length", "host", "upgrade",
+                        "transfer-encoding", "content-length", "host", "upgrade", "expect",
                         NO_FORWARD.lower()})
 MAX_HEAD = 64 * 1024
 
@@ -104,6 +106,114 @@ def _redirect(location: str, cookies: list[str], clear_site: bool) -> web.Respon
     if clear_site:
         resp.headers["Clear-Site-Data"] = '"cache", "storage"'
     return resp
+
+
+# Response headers that describe the container connection or the body's framing: aiohttp
+# writes its own for the client connection.
+RESPONSE_HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection",
+                                 "transfer-encoding", "content-length", "trailer", "upgrade"})
+
+
+class BodyReader:
+    """Sans-I/O: the body of one HTTP/1.1 response, out of the bytes that follow its head.
+
+    ``feed(data)`` returns the body bytes in ``data`` (chunked framing removed); ``done`` turns
+    True at the end of the body. ``length`` is the ``Content-Length`` (None when unknown); with
+    neither a length nor chunked framing the body ends with the stream (:meth:`feed_eof`).
+    Bytes after the end are ignored (the container sees ``Connection: close``).
+    """
+
+    MAX_LINE = 4096
+
+    def __init__(self, status: int, headers: list[tuple[str, str]], method: str) -> None:
+        names = {k.lower(): v for k, v in headers}
+        te = names.get("transfer-encoding", "").lower()
+        self.chunked = te.endswith("chunked")
+        self.length: int | None = None
+        self.done = False
+        self._state = "size"  # chunked: size, data, data-crlf, trailer
+        self._left = 0
+        self._line = bytearray()
+        if method == "HEAD" or 100 <= status < 200 or status in (204, 304):
+            self.done = True
+            return
+        if not self.chunked and "content-length" in names:
+            text = names["content-length"].strip()
+            if not text.isdigit():
+                raise WebError("bad Content-Length from the container", 502)
+            self.length = self._left = int(text)
+            self.done = self.length == 0
+
+    def feed(self, data: bytes) -> bytes:
+        if self.done or not data:
+            return b""
+        if self.chunked:
+            return self._feed_chunked(data)
+        if self.length is None:
+            return data
+        take = data[: self._left]
+        self._left -= len(take)
+        self.done = self._left == 0
+        return take
+
+    def feed_eof(self) -> None:
+        """The stream ended: fine for a body delimited by it, a truncated one otherwise."""
+        if not self.done and (self.chunked or self.length is not None):
+            raise WebError("the container closed the connection in the middle of a response",
+                           502)
+        self.done = True
+
+    def _feed_chunked(self, data: bytes) -> bytes:
+        out = bytearray()
+        pos = 0
+        while pos < len(data) and not self.done:
+            if self._state == "data":
+                take = data[pos:pos + self._left]
+                out += take
+                pos += len(take)
+                self._left -= len(take)
+                if not self._left:
+                    self._state = "data-crlf"
+                continue
+            end = data.find(b"\n", pos)
+            piece = data[pos:] if end < 0 else data[pos:end + 1]
+            self._line += piece
+            pos += len(piece)
+            if len(self._line) > self.MAX_LINE:
+                raise WebError("bad chunked framing from the container", 502)
+            if end < 0:
+                break
+            line = bytes(self._line).strip()
+            self._line.clear()
+            if self._state == "size":
+                size_text = line.split(b";", 1)[0].strip()
+                try:
+                    self._left = int(size_text, 16)
+                except ValueError:
+                    raise WebError("bad chunked framing from the container", 502) from None
+                self._state = "data" if self._left else "trailer"
+            elif self._state == "data-crlf":
+                if line:
+                    raise WebError("bad chunked framing from the container", 502)
+                self._state = "size"
+            elif not line:  # trailer: an empty line ends the body (trailers are dropped)
+                self.done = True
+        return bytes(out)
+
+
+def parse_response_head(raw: bytes) -> tuple[int, str, list[tuple[str, str]]]:
+    """``HTTP/1.1 200 OK\\r\\nName: value...`` (without the blank line) as parts."""
+    lines = raw.decode("latin-1").split("\r\n")
+    parts = lines[0].split(" ", 2)
+    if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
+        raise WebError("the container did not answer with HTTP/1.x", 502)
+    headers = []
+    for line in lines[1:]:
+        name, sep, value = line.partition(":")
+        if not sep or not name.strip():
+            raise WebError("bad response header from the container", 502)
+        headers.append((name.strip(), value.strip()))
+    return int(parts[1]), parts[2] if len(parts) > 2 else "", headers
 
 
 class WebServices:
@@ -193,7 +303,7 @@ class WebServices:
 
     async def _proxy(self, request: web.Request, ctr: dict[str, Any], port: int
                      ) -> web.StreamResponse:
-        from tunnel.broker import _ChainedPipe, _Hijacked, canonical_url, hijack
+        from tunnel.broker import canonical_url
 
         uuid = ctr["uuid"]
         body = await request.read()
@@ -217,7 +327,7 @@ class WebServices:
         except StreamError as exc:
             raise WebError(f"cannot reach port {port} in the container: {exc}", 502) from exc
         st.write(head + body)
-        # Read the container's response head, add our cookie, then relay the rest as bytes.
+        # Read the container's response head, then relay the body (or splice an upgrade).
         buf = b""
         try:
             while b"\r\n\r\n" not in buf:
@@ -235,16 +345,59 @@ class WebServices:
             st.abort()
             raise
         rhead, _, rest = buf.partition(b"\r\n\r\n")
-        lines = rhead.split(b"\r\n")
-        out = [lines[0]]
-        for line in lines[1:]:
-            if not upgrade and line.split(b":", 1)[0].strip().lower() in (b"connection",
-                                                                          b"keep-alive"):
-                continue
-            out.append(line)
-        out.append(f"Set-Cookie: arvados_container_uuid={uuid}".encode())
-        if not upgrade:
-            out.append(b"Connection: close")
+        if upgrade:
+            return await self._splice_upgrade(request, st, uuid, rhead, rest)
+        try:
+            return await self._relay_response(request, st, uuid, rhead, rest)
+        finally:
+            if not st.done.done():
+                st.abort()
+
+    async def _relay_response(self, request: web.Request, st: TunnelStream, uuid: str,
+                              rhead: bytes, rest: bytes) -> web.StreamResponse:
+        """An ordinary response: aiohttp frames the body, the client connection stays open."""
+        status, reason, headers = parse_response_head(rhead)
+        body = BodyReader(status, headers, request.method)
+        resp = web.StreamResponse(status=status, reason=reason or None)
+        for name, value in headers:
+            if name.lower() not in RESPONSE_HOP_BY_HOP:
+                resp.headers.add(name, value)
+        resp.headers.add("Set-Cookie", f"arvados_container_uuid={uuid}")
+        if body.length is not None:
+            resp.content_length = body.length
+        elif request.method == "HEAD" or status in (204, 304):
+            for name, value in headers:  # what a GET would have carried
+                if name.lower() == "content-length":
+                    resp.headers["Content-Length"] = value
+        await resp.prepare(request)
+        try:
+            data = body.feed(rest)
+            while True:
+                if data:
+                    await resp.write(data)
+                if body.done:
+                    break
+                chunk = await st.read()
+                if not chunk:
+                    body.feed_eof()
+                    break
+                data = body.feed(chunk)
+        except (StreamError, WebError) as exc:
+            # The head is out: all the client can be told is that the connection broke.
+            log.info("container web service response cut short: %s", exc,
+                     extra={"container_uuid": uuid})
+            if request.transport is not None:
+                request.transport.abort()
+            return resp
+        await resp.write_eof()
+        return resp
+
+    async def _splice_upgrade(self, request: web.Request, st: TunnelStream, uuid: str,
+                              rhead: bytes, rest: bytes) -> web.StreamResponse:
+        """Websockets and other upgrades: the connection is spliced to the stream for good."""
+        from tunnel.broker import _ChainedPipe, _Hijacked, hijack
+
+        out = [*rhead.split(b"\r\n"), f"Set-Cookie: arvados_container_uuid={uuid}".encode()]
         pipe = _ChainedPipe(st)
         hijack(request, b"\r\n".join(out) + b"\r\n\r\n" + rest, pipe, pipe.take_over)
         try:
@@ -287,12 +440,21 @@ class WebServices:
 
         parts = urlsplit(url)
         host, port = parts.hostname or "", parts.port or 443
+        upgrade = "upgrade" in request.headers.get("Connection", "").lower()
         lines = [f"{request.method} {request.raw_path} HTTP/1.1", f"Host: {request.host}"]
         for name, value in request.headers.items():
-            if name.lower() not in ("host", "content-length", "transfer-encoding",
-                                    NO_FORWARD.lower()):
-                lines.append(f"{name}: {value}")
+            low = name.lower()
+            if low in ("host", "content-length", "transfer-encoding", "expect",
+                       NO_FORWARD.lower()):
+                continue
+            if not upgrade and low in ("connection", "keep-alive"):
+                continue
+            lines.append(f"{name}: {value}")
         lines += [f"{NO_FORWARD}: 1", f"Content-Length: {len(body)}"]
+        if not upgrade:
+            # The client connection is spliced to C2 from here on: one request only, so a
+            # next one cannot reach C2 without the no-forward mark.
+            lines.append("Connection: close")
         head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
         loop = asyncio.get_running_loop()
         upstream, client = _Splice(), _Splice()

@@ -35,9 +35,10 @@ def web_env(tunnel_env: TunnelEnv) -> Iterator[tuple[TunnelEnv, str, int]]:
     async def start_service() -> tuple[web.AppRunner, int]:
         async def echo_http(request: web.Request) -> web.Response:
             body = await request.read()
+            peer = request.transport.get_extra_info("peername") if request.transport else None
             return web.Response(text=(f"{request.method} {request.path_qs} host={request.host} "
                                       f"cookie={request.headers.get('Cookie', '')} "
-                                      f"body={body.decode()}"))
+                                      f"body={body.decode()} from={peer[1] if peer else 0}"))
 
         async def echo_ws(request: web.Request) -> web.WebSocketResponse:
             ws = web.WebSocketResponse()
@@ -47,8 +48,18 @@ def web_env(tunnel_env: TunnelEnv) -> Iterator[tuple[TunnelEnv, str, int]]:
                     await ws.send_str("echo:" + msg.data)
             return ws
 
+        async def chunked(request: web.Request) -> web.StreamResponse:
+            resp = web.StreamResponse()
+            resp.enable_chunked_encoding()
+            await resp.prepare(request)
+            for i in range(5):
+                await resp.write(f"part{i};".encode() * 1000)
+            await resp.write_eof()
+            return resp
+
         app = web.Application()
         app.router.add_get("/ws", echo_ws)
+        app.router.add_get("/chunked", chunked)
         app.router.add_route("*", "/{tail:.*}", echo_http)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
@@ -159,3 +170,60 @@ def test_websocket_end_to_end(web_env: tuple[TunnelEnv, str, int]) -> None:
         for i in range(3):
             ws.send(f"hello {i}")
             assert ws.recv(timeout=10) == f"echo:hello {i}"
+
+
+def test_keep_alive_several_requests_on_one_client_connection(
+        web_env: tuple[TunnelEnv, str, int]) -> None:
+    """Each request is its own stream (a new connection inside the container), while the
+    client keeps one connection: plain, POST, HEAD, chunked and close-delimited answers."""
+    import asyncio
+
+    env, uuid, port = web_env
+
+    async def raw_http10() -> tuple[asyncio.AbstractServer, int]:
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nno length here")
+            await writer.drain()
+            writer.close()  # the end of the body is the end of the connection
+
+        srv = await asyncio.start_server(handle, "127.0.0.1", 0)
+        return srv, srv.sockets[0].getsockname()[1]
+
+    srv, port10 = env.lt.run(raw_http10())
+    env.backend.containers[uuid]["published_ports"] = {str(port): {"access": "public"},
+                                                       str(port10): {"access": "public"}}
+    try:
+        ctx = ssl.create_default_context(cafile=env.certs.ca_file)
+        c = http.client.HTTPSConnection("127.0.0.1", env.port, context=ctx, timeout=20)
+        host = f"{uuid}-{port}.containers.localhost:{env.port}"
+        seen_from: set[str] = set()
+
+        def call(method: str, path: str, body: bytes | None = None, h: str = host
+                 ) -> tuple[int, bytes, http.client.HTTPResponse]:
+            c.request(method, path, body=body, headers={"Host": h})
+            r = c.getresponse()
+            return r.status, r.read(), r
+
+        status, body, _ = call("GET", "/one")
+        assert status == 200 and body.startswith(b"GET /one ")
+        sock = c.sock
+        assert sock is not None
+        seen_from.add(body.decode().rsplit("from=", 1)[1])
+        status, body, _ = call("POST", "/two", b"payload")
+        assert status == 200 and b"body=payload" in body
+        seen_from.add(body.decode().rsplit("from=", 1)[1])
+        status, body, r = call("HEAD", "/three")
+        assert status == 200 and body == b""
+        status, body, r = call("GET", "/chunked")
+        assert status == 200 and body == b"".join(f"part{i};".encode() * 1000 for i in range(5))
+        status, body, r = call("GET", "/", h=f"{uuid}-{port10}.containers.localhost:{env.port}")
+        assert status == 200 and body == b"no length here"
+        status, body, _ = call("GET", "/last")
+        assert status == 200 and body.startswith(b"GET /last ")
+        seen_from.add(body.decode().rsplit("from=", 1)[1])
+        assert c.sock is sock  # one client connection for all six
+        assert len(seen_from) == 3  # a new stream (connection in the container) per request
+        c.close()
+    finally:
+        srv.close()
