@@ -54,6 +54,7 @@ RECV_BUFFER_BYTES = 256 * 1024
 TRANSPORT_HIGH_WATER = 256 * 1024
 TRANSPORT_LOW_WATER = 64 * 1024
 WRITE_SLICE_BYTES = 64 * 1024
+BACKLOG_BYTES = 1 << 20  # queued per stream (at most a window) before its reader pauses
 READ_CHUNK_BYTES = 64 * 1024
 TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25)
 NOTSENT_LOWAT_BYTES = 128 * 1024
@@ -193,17 +194,25 @@ class TunnelStream:
     @property
     def backlogged(self) -> bool:
         """More than a window is queued for the tunnel: stop reading the local side."""
-        return self.conn.proto.buffered(self.stream_id) > self.conn.settings.stream_window_bytes
+        limit = min(BACKLOG_BYTES, self.conn.settings.stream_window_bytes)
+        return self.conn.proto.buffered(self.stream_id) > limit
 
     def write(self, data: bytes) -> None:
         """Queue bytes for the peer (never blocks; see :meth:`drain`)."""
+        self._write(data)
+
+    def _write(self, data: bytes) -> bool:
+        """:meth:`write`; returns :attr:`backlogged`."""
         if self._error is not None or self.local_ended:
-            return
+            return False
         self.bytes_out += len(data)
-        self.conn.proto.send_data(self.stream_id, data)
-        self.conn.flush()
+        conn = self.conn
+        conn.proto.send_data(self.stream_id, data)
+        conn.flush()
         if self.backlogged:
-            self.conn._backlogged.add(self)
+            conn._backlogged.add(self)
+            return True
+        return False
 
     async def drain(self) -> None:
         """Wait until the queue for this stream is below one window."""
@@ -319,8 +328,16 @@ class TunnelConnection(asyncio.BufferedProtocol):
         except TunnelProtocolError as exc:
             self._fail(str(exc))
             return
+        streams = self._streams
         for ev in events:
-            self._dispatch(ev)
+            if type(ev) is DataReceived:  # the common case, without _dispatch's chain
+                st = streams.get(ev.stream_id)
+                if st is None:
+                    self.proto.acknowledge(ev.stream_id, ev.flow_controlled_length)
+                else:
+                    self._guard(st, st._on_data, ev.data, ev.flow_controlled_length)
+            else:
+                self._dispatch(ev)
         self.flush()
 
     def eof_received(self) -> bool:
@@ -436,8 +453,9 @@ class TunnelConnection(asyncio.BufferedProtocol):
                 # pump() sends nothing and the peer's WINDOW_UPDATE wakes us instead.
                 self._schedule_flush()
         self._write_out(t)
-        for ev in self.proto.take_events():
-            self._dispatch(ev)
+        if self.proto.has_local_events:
+            for ev in self.proto.take_events():
+                self._dispatch(ev)
         if self._backlogged:
             for st in list(self._backlogged):
                 if not st.backlogged or st.error is not None:
@@ -645,12 +663,11 @@ class LocalPipe(asyncio.BufferedProtocol):
         if self._defer:
             self._early.append(data)
             return
-        st = self.stream
-        st.write(data)
         # Asks the transport, not our flag: whoever handed us the transport may resume its
         # reading after we paused it (uvloop even starts reading after connection_made()).
         t = self.transport
-        if st.backlogged and t is not None and (not self._reading_paused or t.is_reading()):
+        if (self.stream._write(data) and t is not None
+                and (not self._reading_paused or t.is_reading())):
             self._reading_paused = True
             t.pause_reading()
 

@@ -231,6 +231,12 @@ class TunnelSettings:
     max_concurrent_streams: int = 256
     # A write of at most this size to a stream with nothing queued bypasses the pump budget.
     interactive_write_bytes: int = 16 << 10
+    # While more than one stream sends, each keeps at most this much unacknowledged data in
+    # flight (the peer's window may allow more): what sits in the peer's receive queue is what
+    # a keystroke on another stream waits behind. "While" means: another stream sent within
+    # the last contention_horizon_bytes of DATA on this tunnel.
+    contended_in_flight_bytes: int = 256 << 10
+    contention_horizon_bytes: int = 4 << 20
     ping_interval_s: float = 15.0
     ping_timeout_s: float = 20.0
 
@@ -267,7 +273,7 @@ class StreamRefused(Event):
     reason: str
 
 
-@dataclass
+@dataclass(slots=True)
 class DataReceived(Event):
     """Bytes for a stream. Call :meth:`TunnelProtocol.acknowledge` once they are consumed."""
 
@@ -384,6 +390,7 @@ class _Stream:
     out_window: int = 65535  # what the peer still lets us send on this stream
     in_window: int = 65535  # what we still let the peer send
     in_unacked: int = 0  # consumed by the application, not yet given back to the peer
+    in_flight: int = 0  # sent and not yet given back by the peer
 
 
 class TunnelProtocol:
@@ -428,10 +435,15 @@ class TunnelProtocol:
         self._in_window = 65535
         self._in_unacked = 0
         self._peer_initial_window = 65535
+        self._data_sent = 0  # DATA bytes sent on the tunnel so far
+        self._last_sender = 0  # the stream that sent the last DATA frame
+        self._contended_until = 0  # _data_sent mark until which several streams count as busy
         s = self.settings
-        # Give window back once a quarter of it was consumed: often enough that the sender
-        # never waits on a lazy update, rarely enough to stay a few frames per window.
-        self._stream_ack_threshold = max(1, s.stream_window_bytes // 4)
+        # Give window back once an eighth of it was consumed: often enough that a sender that
+        # holds itself to contended_in_flight_bytes keeps a frame in flight while the update
+        # travels, rarely enough to stay a few frames per MiB.
+        self._stream_ack_threshold = max(1, min(s.stream_window_bytes // 8,
+                                                s.contended_in_flight_bytes // 2))
         self._conn_ack_threshold = max(1, s.connection_window_bytes // 4)
         self.draining = False
         self.closed = False
@@ -482,6 +494,8 @@ class TunnelProtocol:
         pos = 0
         slow_from = -1  # start of a run of frames for h2, fed in one call
         max_len = self.settings.max_frame_bytes
+        streams = self._streams
+        agent = self.role == "agent"
         while end - pos >= 9:
             head, flags, sid = _FRAME_HEAD.unpack_from(view, pos)
             length, ftype = head >> 8, head & 0xFF
@@ -490,6 +504,16 @@ class TunnelProtocol:
                 raise TunnelProtocolError("tunnel peer sent an overlong frame")
             if end - pos - 9 < length:
                 break
+            if ftype == _DATA and not self._in_header_block:
+                # The common case, inlined: DATA on an open stream.
+                st = streams.get(sid & 0x7FFFFFFF)
+                if st is not None and not st.remote_ended and (agent or st.accepted):
+                    if slow_from >= 0:
+                        self._to_h2(view[slow_from:pos], out)
+                        slow_from = -1
+                    self._data_frame(view, pos, length, flags, sid & 0x7FFFFFFF, st, out)
+                    pos += 9 + length
+                    continue
             if self._fast_frame(view, pos, length, ftype, flags, sid, slow_from, out):
                 slow_from = -1
             elif slow_from < 0:
@@ -555,6 +579,12 @@ class TunnelProtocol:
     def _data_frame(self, view: memoryview, pos: int, length: int, flags: int, sid: int,
                     st: _Stream, out: list[Event]) -> None:
         start, stop = pos + 9, pos + 9 + length
+        if not flags and length <= self._in_window and length <= st.in_window:
+            self._in_window -= length
+            st.in_window -= length
+            if length:
+                out.append(DataReceived(sid, bytes(view[start:stop]), length))
+            return
         if flags & _PADDED:
             pad = view[start] if length else 0
             if not length or pad >= length:
@@ -603,6 +633,7 @@ class TunnelProtocol:
             self._local_events.append(StreamReset(sid, int(code)))
             return
         st.out_window += inc
+        st.in_flight = max(0, st.in_flight - inc)
 
     def _to_h2(self, frames: memoryview, out: list[Event]) -> None:
         try:
@@ -792,10 +823,15 @@ class TunnelProtocol:
                    n: int) -> None:
         st.out_window -= n
         self._out_window -= n
-        pending_h2 = self._h2.data_to_send()
-        if pending_h2:  # frames h2 produced earlier (HEADERS, acks) go first
-            self._out.append(pending_h2)
-        self._out.append(_frame_head(n, _DATA, 0, sid))
+        st.in_flight += n
+        if self._last_sender != sid:
+            if self._last_sender:
+                self._contended_until = self._data_sent + self.settings.contention_horizon_bytes
+            self._last_sender = sid
+        self._data_sent += n
+        if self._h2._data_to_send:  # frames h2 produced earlier (HEADERS, acks) go first
+            self._out.append(self._h2.data_to_send())
+        self._out.append(_FRAME_HEAD.pack(n << 8, 0, sid))  # DATA, no flags
         self._out.extend(parts)
 
     def end_stream(self, stream_id: int) -> None:
@@ -853,9 +889,8 @@ class TunnelProtocol:
             st.in_unacked = 0
 
     def _emit_raw(self, frame: bytes) -> None:
-        pending_h2 = self._h2.data_to_send()
-        if pending_h2:
-            self._out.append(pending_h2)
+        if self._h2._data_to_send:
+            self._out.append(self._h2.data_to_send())
         self._out.append(frame)
 
     def buffered(self, stream_id: int) -> int:
@@ -871,7 +906,10 @@ class TunnelProtocol:
         return len(self._streams)
 
     def _sendable(self, st: _Stream) -> int:
-        return min(st.out_window, self._out_window, self._h2.max_outbound_frame_size)
+        n = min(st.out_window, self._out_window, self._h2.max_outbound_frame_size)
+        if self._data_sent < self._contended_until:
+            n = min(n, self.settings.contended_in_flight_bytes - st.in_flight)
+        return n
 
     def pump(self, budget: int) -> int:
         """Move up to ``budget`` bytes of queued data into frames, round-robin; returns bytes."""
@@ -965,11 +1003,18 @@ class TunnelProtocol:
 
     def data_to_send(self) -> bytes:
         """Bytes to write to the transport now."""
-        pending_h2 = self._h2.data_to_send()
-        if not self._out:
-            return pending_h2
-        if pending_h2:
-            self._out.append(pending_h2)
+        # h2's own buffer is looked at first: data_to_send() would copy it even when empty.
+        if self._h2._data_to_send:
+            if not self._out:
+                return self._h2.data_to_send()
+            self._out.append(self._h2.data_to_send())
+        elif not self._out:
+            return b""
         out = b"".join(self._out)
         self._out.clear()
         return out
+
+    @property
+    def has_local_events(self) -> bool:
+        """True when :meth:`take_events` has something."""
+        return bool(self._local_events)

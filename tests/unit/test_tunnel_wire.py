@@ -180,3 +180,59 @@ def test_a_smaller_initial_window_from_the_peer_shrinks_open_streams() -> None:
         broker.pump(1 << 20)
         shuttle(broker, agent, events, ack=False)
     assert len(agent.data[sid]) == 1000  # h2 would have raised had we sent more
+
+
+def our_pair(settings: TunnelSettings) -> tuple[TunnelProtocol, TunnelProtocol]:
+    broker, agent = TunnelProtocol("broker", settings), TunnelProtocol("agent", settings)
+    broker.initiate()
+    agent.initiate()
+    for _ in range(4):
+        agent.receive_data(broker.data_to_send())
+        broker.receive_data(agent.data_to_send())
+    return broker, agent
+
+
+def open_on(broker: TunnelProtocol, agent: TunnelProtocol) -> int:
+    sid = broker.open_stream("container:80")
+    for ev in agent.receive_data(broker.data_to_send()):
+        if type(ev).__name__ == "StreamRequested":
+            agent.accept_stream(sid)
+    broker.receive_data(agent.data_to_send())
+    return sid
+
+
+def sent_without_acks(broker: TunnelProtocol, agent: TunnelProtocol, sid: int) -> int:
+    """Pump until the sender stops (the agent reads but never gives window back)."""
+    total = 0
+    for _ in range(100):
+        moved = broker.pump(1 << 30)
+        for ev in agent.receive_data(broker.data_to_send()):
+            if isinstance(ev, DataReceived) and ev.stream_id == sid:
+                total += len(ev.data)
+        if not moved:
+            break
+    return total
+
+
+CAPPED = TunnelSettings(stream_window_bytes=1 << 20, contended_in_flight_bytes=128 * 1024,
+                        contention_horizon_bytes=8 << 20)
+
+
+def test_a_lone_stream_may_fill_the_whole_window() -> None:
+    broker, agent = our_pair(CAPPED)
+    bulk = open_on(broker, agent)
+    broker.send_data(bulk, b"b" * (4 << 20))
+    assert sent_without_acks(broker, agent, bulk) == 1 << 20
+
+
+def test_while_another_stream_talks_a_bulk_stream_keeps_little_in_flight() -> None:
+    broker, agent = our_pair(CAPPED)
+    bulk = open_on(broker, agent)
+    key = open_on(broker, agent)
+    broker.send_data(key, b"k")  # an interactive stream spoke
+    agent.receive_data(broker.data_to_send())
+    broker.send_data(bulk, b"b" * (4 << 20))
+    assert sent_without_acks(broker, agent, bulk) == 128 * 1024
+    broker.send_data(key, b"k")  # the keystroke still goes out at once
+    got = [e for e in agent.receive_data(broker.data_to_send()) if isinstance(e, DataReceived)]
+    assert [(e.stream_id, e.data) for e in got] == [(key, b"k")]
