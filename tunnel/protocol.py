@@ -479,7 +479,11 @@ class TunnelProtocol:
         """
         if self.closed:
             return []
-        out: list[Event] = self.take_events()
+        out: list[Event] = self._local_events
+        if out:
+            self._local_events = []
+        else:
+            out = []
         view = memoryview(data)
         if self._head is not None:
             self._check_preface(view)
@@ -506,12 +510,20 @@ class TunnelProtocol:
                 break
             if ftype == _DATA and not self._in_header_block:
                 # The common case, inlined: DATA on an open stream.
-                st = streams.get(sid & 0x7FFFFFFF)
+                sid &= 0x7FFFFFFF
+                st = streams.get(sid)
                 if st is not None and not st.remote_ended and (agent or st.accepted):
                     if slow_from >= 0:
                         self._to_h2(view[slow_from:pos], out)
                         slow_from = -1
-                    self._data_frame(view, pos, length, flags, sid & 0x7FFFFFFF, st, out)
+                    if not flags and length <= self._in_window and length <= st.in_window:
+                        self._in_window -= length
+                        st.in_window -= length
+                        if length:
+                            out.append(DataReceived(sid, bytes(view[pos + 9:pos + 9 + length]),
+                                                    length))
+                    else:  # padding, END_STREAM, or a window overrun
+                        self._data_frame(view, pos, length, flags, sid, st, out)
                     pos += 9 + length
                     continue
             if self._fast_frame(view, pos, length, ftype, flags, sid, slow_from, out):
@@ -810,10 +822,14 @@ class TunnelProtocol:
         if not isinstance(data, bytes):
             data = bytes(data)  # the caller may reuse its buffer
         n = len(data)
-        if (not st.pending and n <= self.settings.interactive_write_bytes
-                and n <= self._sendable(st)):
-            self._emit_data(stream_id, st, [data], n)
-            return
+        if not st.pending and n <= self.settings.interactive_write_bytes:
+            # _sendable(), inlined: this is the path of every keystroke.
+            room = min(st.out_window, self._out_window)
+            if self._data_sent < self._contended_until:
+                room = min(room, self.settings.contended_in_flight_bytes - st.in_flight)
+            if n <= room:
+                self._emit_data(stream_id, st, [data], n)
+                return
         if not st.pending:
             self._ready.append(stream_id)
         st.pending.append(memoryview(data))
