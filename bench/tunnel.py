@@ -7,8 +7,9 @@ Both sides get the same shape (loopback only):
 
 * ssh: a throwaway ``sshd`` on a loopback port (temp host key and authorized_keys,
   ``aes128-gcm@openssh.com``) and ``ssh -N -R`` forwarding two ports over one connection.
-* ours: ``Broker`` (TLS, uvloop) with an entry listener per target that opens one tunnel stream
-  per accepted connection, and the real ``Agent`` (uvloop) dialling it.
+* ours: ``Broker`` (TLS, uvloop; ``--loop asyncio`` for the stock loop) with an entry listener
+  per target that opens one tunnel stream per accepted connection, and the real ``Agent``
+  dialling it. The measuring client is the same code, on the stock asyncio loop, for both.
 
 Measured: (1) bulk throughput, 1 stream and 8 streams; (2) 100-byte request/response round trip,
 median and p99; (3) the same while a bulk transfer runs on another stream of the same tunnel;
@@ -538,13 +539,16 @@ def main() -> int:
         import uvloop
 
         role, rargs = sys.argv[1], sys.argv[2:]
+        # Our broker and agent run on uvloop unless BENCH_LOOP=asyncio (what the embedded
+        # controller and crunch-run use today); the targets always run on uvloop.
+        run: Any = asyncio.run if os.environ.get("BENCH_LOOP") == "asyncio" else uvloop.run
         if role == "_targets":
             uvloop.run(role_targets(int(rargs[0]), int(rargs[1])))
         elif role == "_broker":
-            entries = [tuple(map(int, a.split(":"))) for a in rargs[2:]]
-            uvloop.run(role_broker(int(rargs[0]), rargs[1], entries))  # type: ignore[arg-type]
+            entries = [(int(a.split(":")[0]), int(a.split(":")[1])) for a in rargs[2:]]
+            run(role_broker(int(rargs[0]), rargs[1], entries))
         elif role == "_agent":
-            uvloop.run(role_agent(int(rargs[0]), rargs[1], int(rargs[2])))
+            run(role_agent(int(rargs[0]), rargs[1], int(rargs[2])))
         return 0
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -558,7 +562,10 @@ def main() -> int:
     parser.add_argument("--ssh-idle", type=int, default=50, help="idle ssh connections for (5)")
     parser.add_argument("--window-kib", type=int, default=0,
                         help="stream window for our tunnel (default: TunnelSettings)")
+    parser.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop",
+                        help="event loop of our broker and agent (default uvloop)")
     args = parser.parse_args()
+    os.environ["BENCH_LOOP"] = args.loop
     only = [m for m in args.only.split(",") if m]
     if unknown := set(only) - set(MEASURES):
         parser.error(f"unknown measures: {', '.join(sorted(unknown))}")
@@ -597,7 +604,8 @@ def main() -> int:
         ("(4) new streams per second", "opens", True, 1.0),
         ("(4) new stream median (ms)", "open_ms", False, None),
     ]
-    print(f"\n{rounds} interleaved rounds per measure and side")
+    print(f"\n{rounds} interleaved rounds per measure and side; our broker and agent on "
+          f"{args.loop}")
     print(f"{'measure':<36}{'ssh -R':>12}{'crunchgate':>12}{'ratio':>9}  goal")
     for label, key, higher, goal in rows:
         if key not in ssh or key not in ours:
