@@ -428,6 +428,9 @@ class TunnelProtocol:
         # First bytes from the peer, until its preface is checked (None afterwards).
         self._head: bytearray | None = bytearray()
         self._magic_left = _CLIENT_MAGIC_LEN if role == "agent" else 0
+        self._starting = True  # preface not checked or client magic not passed on yet
+        self._is_agent = role == "agent"
+        self._max_frame = self.settings.max_frame_bytes
         self._partial = bytearray()  # an incomplete frame from the previous receive_data()
         self._in_header_block = False  # HEADERS without END_HEADERS: only CONTINUATION may follow
         # Connection-level flow control (RFC 9113 section 6.9), both directions.
@@ -485,21 +488,23 @@ class TunnelProtocol:
         else:
             out = []
         view = memoryview(data)
-        if self._head is not None:
-            self._check_preface(view)
-        if self._magic_left:
-            n = min(self._magic_left, len(view))
-            self._to_h2(view[:n], out)
-            self._magic_left -= n
-            view = view[n:]
+        if self._starting:
+            if self._head is not None:
+                self._check_preface(view)
+            if self._magic_left:
+                n = min(self._magic_left, len(view))
+                self._to_h2(view[:n], out)
+                self._magic_left -= n
+                view = view[n:]
+            self._starting = self._head is not None or self._magic_left > 0
         if self._partial:
             view = self._complete_partial(view, out)
         end = len(view)
         pos = 0
         slow_from = -1  # start of a run of frames for h2, fed in one call
-        max_len = self.settings.max_frame_bytes
+        max_len = self._max_frame
         streams = self._streams
-        agent = self.role == "agent"
+        agent = self._is_agent
         while end - pos >= 9:
             head, flags, sid = _FRAME_HEAD.unpack_from(view, pos)
             length, ftype = head >> 8, head & 0xFF
