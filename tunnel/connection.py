@@ -348,13 +348,15 @@ class TunnelConnection(asyncio.BufferedProtocol):
                 # TunnelStream._on_data + LocalPipe.deliver, inlined (and guarded alike).
                 st.bytes_in += len(ev.data)
                 t = pipe.transport
-                try:
-                    if t is not None and not t.is_closing():
+                delivered = True  # a closing local side drops the bytes: window back at once
+                if t is not None and not t.is_closing():
+                    try:
                         t.write(ev.data)
-                except Exception as exc:  # a broken local socket must not take the tunnel down
-                    self._stream_failed(st, exc)
-                    continue
-                if t is None or not pipe._paused:
+                    except Exception as exc:  # a broken local socket must not end the tunnel
+                        self._stream_failed(st, exc)
+                        continue
+                    delivered = not pipe._paused
+                if delivered:
                     proto.acknowledge(ev.stream_id, ev.flow_controlled_length)
                 else:
                     st._held_acks += ev.flow_controlled_length

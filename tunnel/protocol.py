@@ -1035,7 +1035,3 @@ class TunnelProtocol:
         self._out.clear()
         return out
 
-    @property
-    def has_local_events(self) -> bool:
-        """True when :meth:`take_events` has something."""
-        return bool(self._local_events)

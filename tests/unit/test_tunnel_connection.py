@@ -32,8 +32,10 @@ class FakeTransport:
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         return default
 
+    closing = False
+
     def is_closing(self) -> bool:
-        return False
+        return self.closing
 
     def is_reading(self) -> bool:
         return self.reading
@@ -119,5 +121,31 @@ def test_local_reading_resumes_when_the_stream_queue_drains() -> None:
             bst.conn.flush()
         assert local.reading
         assert sum(len(w) for w in sink.written) == 6 * 32 * 1024
+
+    asyncio.run(go())
+
+
+def test_data_for_a_closing_local_side_still_gives_the_window_back() -> None:
+    # A local socket on its way out, which had also paused our writes: its bytes are dropped,
+    # and the window must come back anyway, or every such stream would shrink the tunnel's
+    # connection window for good.
+    async def go() -> None:
+        settings = TunnelSettings(stream_window_bytes=64 * 1024)
+        bst, ast, (run_wire,) = await tunnel_pair(settings)
+        dying = FakeTransport()
+        apipe = LocalPipe(ast)
+        apipe.connection_made(dying)
+        apipe.pause_writing()
+        dying.closing = True
+        for _ in range(8):
+            bst.write(b"d" * (32 * 1024))
+            for _ in range(5):
+                run_wire()
+                bst.conn.flush()
+        assert dying.written == []
+        assert ast._held_acks == 0
+        # All 256 KiB were consumed as far as flow control goes (the connection window goes
+        # back in 4 MiB steps, so it is counted here rather than seen at the sender).
+        assert ast.conn.proto._in_unacked == 8 * 32 * 1024
 
     asyncio.run(go())
