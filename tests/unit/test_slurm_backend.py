@@ -196,3 +196,17 @@ def test_example_config_loads() -> None:
     c = load_config(REPO_ROOT / "contrib" / "slurm" / "config.example.yml")
     assert c.containers.slurm.sbatch_arguments_list[0] == "--job-name=%U"
     assert c.services.dispatch_slurm.internal_urls
+
+
+def test_a_secret_echoed_by_a_failing_command_is_scrubbed_from_the_error(tmp_path: Path) -> None:
+    # A site wrapper around sbatch that prints its environment when Slurm refuses the job:
+    # the token must not reach runtime_status.error, logs or the health report.
+    fake = FakeSlurm(tmp_path)
+    fake.set("sbatch", 'echo "sbatch: error: Invalid partition name specified '
+                       '(ARVADOS_API_TOKEN=$ARVADOS_API_TOKEN)" >&2; exit 1')
+    be = backend(fake)
+    with pytest.raises(SubmitFailed) as ei:
+        run(be.submit(ctr()))
+    assert ei.value.permanent
+    assert "unit-test-root-token-0123456789" not in ei.value.message
+    assert "[REDACTED]" in ei.value.message
