@@ -369,6 +369,12 @@ _FRAME_HEAD = struct.Struct(">IBI")  # (length << 8 | type), flags, stream id
 _WINDOW_INCREMENT = struct.Struct(">I")
 _MAX_WINDOW = 2**31 - 1
 _CLIENT_MAGIC_LEN = 24
+# A private SETTINGS parameter (peers that do not know it ignore it, RFC 9113 6.5.2): the
+# window-update step this end uses. The contention cap is only safe against a peer that gives
+# window back in steps at most half the cap; h2's default waits for half the window, and an
+# older agent would then never answer a capped sender. (hyperframe writes setting ids as one
+# byte, so the id is below 256; 0xf7 is unassigned.)
+SETTING_WINDOW_UPDATE_STEP = 0xF7
 
 
 def _frame_head(length: int, ftype: int, flags: int, stream_id: int) -> bytes:
@@ -438,6 +444,7 @@ class TunnelProtocol:
         self._in_window = 65535
         self._in_unacked = 0
         self._peer_initial_window = 65535
+        self._peer_ack_step = 0  # the peer's SETTING_WINDOW_UPDATE_STEP; 0: not announced
         self._data_sent = 0  # DATA bytes sent on the tunnel so far
         self._last_sender = 0  # the stream that sent the last DATA frame
         self._contended_until = 0  # _data_sent mark until which several streams count as busy
@@ -463,6 +470,7 @@ class TunnelProtocol:
         }
         if self.role == "agent":
             values[h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS] = s.max_concurrent_streams
+        values[SETTING_WINDOW_UPDATE_STEP] = self._stream_ack_threshold  # type: ignore[index]
         self._h2.local_settings = h2.settings.Settings(
             client=(self.role == "broker"), initial_values=values)
         # h2 caches this at construction; without it the first big frame is "overlong".
@@ -739,6 +747,9 @@ class TunnelProtocol:
                 self._forget(sid)
                 out.append(StreamReset(sid, int(ev.error_code or 0)))
         elif isinstance(ev, h2.events.RemoteSettingsChanged):
+            step = ev.changed_settings.get(SETTING_WINDOW_UPDATE_STEP)
+            if step is not None and step.new_value:
+                self._peer_ack_step = int(step.new_value)
             changed = ev.changed_settings.get(h2.settings.SettingCodes.INITIAL_WINDOW_SIZE)
             if changed is not None:
                 # RFC 9113 6.9.2: a new initial window moves every open stream's window.
@@ -830,8 +841,8 @@ class TunnelProtocol:
         if not st.pending and n <= self.settings.interactive_write_bytes:
             # _sendable(), inlined: this is the path of every keystroke.
             room = min(st.out_window, self._out_window)
-            if self._data_sent < self._contended_until:
-                room = min(room, self.settings.contended_in_flight_bytes - st.in_flight)
+            if self._data_sent < self._contended_until and self._peer_ack_step:
+                room = min(room, self._contended_cap() - st.in_flight)
             if n <= room:
                 self._emit_data(stream_id, st, [data], n)
                 return
@@ -928,9 +939,13 @@ class TunnelProtocol:
 
     def _sendable(self, st: _Stream) -> int:
         n = min(st.out_window, self._out_window, self._h2.max_outbound_frame_size)
-        if self._data_sent < self._contended_until:
-            n = min(n, self.settings.contended_in_flight_bytes - st.in_flight)
+        if self._data_sent < self._contended_until and self._peer_ack_step:
+            n = min(n, self._contended_cap() - st.in_flight)
         return n
+
+    def _contended_cap(self) -> int:
+        # Never below two of the peer's window-update steps, or it would never answer.
+        return max(self.settings.contended_in_flight_bytes, 2 * self._peer_ack_step)
 
     def pump(self, budget: int) -> int:
         """Move up to ``budget`` bytes of queued data into frames, round-robin; returns bytes."""

@@ -236,3 +236,26 @@ def test_while_another_stream_talks_a_bulk_stream_keeps_little_in_flight() -> No
     broker.send_data(key, b"k")  # the keystroke still goes out at once
     got = [e for e in agent.receive_data(broker.data_to_send()) if isinstance(e, DataReceived)]
     assert [(e.stream_id, e.data) for e in got] == [(key, b"k")]
+
+
+def test_a_peer_with_lazy_window_updates_is_not_held_to_the_cap() -> None:
+    # A plain h2 peer (or an agent from before the cap) gives window back only after half of
+    # it was consumed; holding it to 128 KiB in flight would wait for an update forever.
+    broker, agent, bulk, events = connected(CAPPED, window=1 << 20)
+    key = broker.open_stream("container:81")
+    shuttle(broker, agent, events)
+    broker.send_data(key, b"k")  # two streams talk: contended
+    data = random.Random(9).randbytes(3 << 20)
+    broker.send_data(bulk, data)
+    for _ in range(200):
+        broker.pump(1 << 20)
+        shuttle(broker, agent, events)
+        if len(agent.data[bulk]) == len(data):
+            break
+    assert bytes(agent.data[bulk]) == data
+
+
+def test_both_ends_announce_their_window_update_step() -> None:
+    broker, agent = our_pair(CAPPED)
+    assert broker._peer_ack_step == agent._stream_ack_threshold == 64 * 1024
+    assert agent._peer_ack_step == broker._stream_ack_threshold
