@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -268,6 +269,12 @@ def run_foreground(args: argparse.Namespace, lock_dir: str, secret: str) -> int:
         async with client:
             return await Runner(client, args.uuid, opts, gateway_secret=secret).run()
 
+    # uvloop (the `fast` extra) when installed: the agent's tunnel figures in docs/tunnel.md are
+    # measured with it.
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        uvloop.install()
     try:
         return asyncio.run(go())
     finally:

@@ -184,6 +184,12 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    # uvloop (the `fast` extra) when installed: the broker's tunnel figures in docs/tunnel.md
+    # are measured with it.
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        uvloop.install()
     try:
         asyncio.run(serve(cfg, data_dir, config_path=args.config,
                           with_broker=not args.no_broker))
