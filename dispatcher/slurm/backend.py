@@ -53,6 +53,9 @@ MAX_RENICE_PER_POLL = 2000
 #: one runs, so a pass that never ended would freeze the order for good. By job id, 2,000
 #: calls take ~20-40 s on the 2-core dev VM.
 RENICE_PASS_MIN_S = 60.0
+#: runtime_status.scheduling_status is written once a job has been listed pending this many
+#: polls after the first listing that showed it (2 = pending for two poll intervals).
+STATUS_AFTER_LISTINGS = 2
 
 JobEndedHook = Callable[[str, str, parse.SqueueRow], Awaitable[None]]
 
@@ -86,6 +89,8 @@ class SlurmBackend(Backend):
         self._rows: dict[str, parse.SqueueRow] = {}
         self._seen_ended: set[str] = set()  # job ids already reported as ended
         self._live_ids: dict[str, str] = {}  # name -> job id of the live job, last poll
+        self._listing = 0  # squeue listings so far
+        self._pending_since: dict[str, int] = {}  # job id -> first listing that showed it pending
         # Names whose sbatch got no answer: look them up before submitting again.
         self._maybe_submitted: set[str] = set()
         reg = self.cli.metrics.registry
@@ -100,6 +105,9 @@ class SlurmBackend(Backend):
             "(0: the Slurm queue follows the containers' priority order)",
             registry=reg,
         )
+
+    async def close(self) -> None:
+        self.cli.close()
 
     # --- queue --------------------------------------------------------------------------------
 
@@ -120,6 +128,11 @@ class SlurmBackend(Backend):
         await self._report_ended(live, ended)
         self._rows = live
         self._live_ids = {n: r.job_id for n, r in live.items()}
+        self._listing += 1
+        self._pending_since = {
+            r.job_id: self._pending_since.get(r.job_id, self._listing)
+            for r in live.values() if r.pending
+        }
         return {
             name: Job(
                 name=name, job_id=r.job_id, state=r.state, reason=r.reason, nice=r.nice,
@@ -171,6 +184,13 @@ class SlurmBackend(Backend):
         await asyncio.gather(*(one(n, r) for n, r in fresh[:100]))
 
     def scheduling_status(self, job: Job) -> str:
+        # Nothing to say (so nothing is written) until the job has been pending for
+        # STATUS_AFTER_LISTINGS polls: most jobs start or settle on their real reason within
+        # seconds, and a burst of a thousand submissions should not cost a thousand container
+        # updates on the controller while it is also serving their lock calls.
+        first = self._pending_since.get(job.job_id)
+        if first is None or self._listing - first < STATUS_AFTER_LISTINGS:
+            return ""
         row = self._rows.get(job.name)
         partition = row.partition if row is not None else ""
         return parse.scheduling_status(job.reason, partition)

@@ -99,7 +99,12 @@ def test_submit_lists_pending_with_reason_and_env(slurm: SlurmCluster, tmp_path:
         job = jobs[uuid(1)]
         assert job.pending and job.state == "PENDING"
         assert job.nice == 10000  # --nice=10000 came first
-        assert backend.scheduling_status(job) == "waiting: partition parked is down"
+        # Nothing to publish until the job has been pending for two more listings (a job that
+        # starts or settles within seconds costs no container update).
+        assert backend.scheduling_status(job) == ""
+        await backend.list_jobs()
+        assert backend.scheduling_status((await backend.list_jobs())[uuid(1)]) == \
+            "waiting: partition parked is down"
 
     run(go())
     # exactly one job by that name, and nothing was run

@@ -210,3 +210,34 @@ def test_a_secret_echoed_by_a_failing_command_is_scrubbed_from_the_error(tmp_pat
     assert ei.value.permanent
     assert "unit-test-root-token-0123456789" not in ei.value.message
     assert "[REDACTED]" in ei.value.message
+
+
+def test_scheduling_status_waits_until_a_job_has_been_pending_a_while() -> None:
+    """A burst of submissions costs no runtime_status update while it is being submitted: a
+    job's pending reason is published once it has been pending for two more polls."""
+    from dispatcher.core.loop import Dispatcher
+    from tests.helpers.core import FakeArvados, core_run
+    from tests.helpers.slurm import SlurmModel
+
+    api = FakeArvados()
+    uuids = [api.add_container(priority=1) for _ in range(20)]
+    model = SlurmModel()
+    c = cfg()
+    c.containers.runtime_engine = "local"
+    be = SlurmBackend(c, cli=SlurmCLI(timeout_s=5))
+    model.attach(be.cli)
+    disp = Dispatcher(c, api, be)
+
+    async def poll() -> int:
+        await disp.poll_once()
+        await disp.wait_idle()
+        return len(api.ops("update"))
+
+    async def go() -> list[int]:
+        await disp.start()
+        return [await poll() for _ in range(4)]
+
+    # poll 1 submits; polls 2 and 3 see the jobs pending; poll 4 publishes their reason
+    assert core_run(go()) == [0, 0, 0, 20]
+    assert {api.containers[u]["runtime_status"]["scheduling_status"] for u in uuids} == {
+        "waiting: partition compute is down"}
