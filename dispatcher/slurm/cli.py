@@ -106,25 +106,6 @@ class JobEndRecorder:
         await self.client.create_log(uuid, "dispatch", text=text)
 
 
-def use_pidfd_child_watcher() -> bool:
-    """On Python 3.11, wait for child processes with a pidfd instead of a thread per process.
-
-    The default ThreadedChildWatcher starts a thread for every sbatch/squeue and blocks the
-    event loop until that thread runs: on a busy host that was a third of the dispatcher's
-    CPU per submitted job. Python 3.12 uses pidfds by itself where the kernel has them (5.3+).
-    """
-    if sys.version_info >= (3, 12) or not hasattr(os, "pidfd_open"):
-        return False
-    try:
-        os.close(os.pidfd_open(os.getpid()))
-    except OSError:  # old kernel, or seccomp forbids it: keep the default
-        return False
-    watcher = asyncio.PidfdChildWatcher()
-    watcher.attach_loop(asyncio.get_running_loop())
-    asyncio.set_child_watcher(watcher)
-    return True
-
-
 async def serve(cfg: ClusterConfig) -> int:
     """Run the dispatch loop and the health/metrics endpoint until SIGTERM/SIGINT."""
     from dispatcher.arvados.client import ArvadosClient
@@ -132,7 +113,6 @@ async def serve(cfg: ClusterConfig) -> int:
     from dispatcher.metrics import new_registry
     from dispatcher.slurm.backend import SlurmBackend
 
-    use_pidfd_child_watcher()
     registry = new_registry()
     client = ArvadosClient.from_config(cfg, retries=2)
     holder: dict[str, Dispatcher] = {}
