@@ -108,6 +108,24 @@ class SlurmCluster:
         finally:
             os.kill(pid, signal.SIGCONT)
 
+    def node_state(self, node: str) -> str:
+        out = self.run("sinfo", "--noheader", "--Node", f"--nodes={node}", "--format=%t")
+        return out.split()[0] if out.split() else ""
+
+    @contextlib.contextmanager
+    def node_down(self, node: str) -> Iterator[None]:
+        """``scontrol update nodename=NODE state=down``: Slurm ends its jobs with NODE_FAIL. The
+        node is resumed afterwards (slurmd may already have brought it back: ReturnToService=2)
+        and the context waits until it is usable again."""
+        self.run("scontrol", "update", f"nodename={node}", "state=down",
+                 "reason=crunchgate-test")
+        try:
+            yield
+        finally:
+            self.run("scontrol", "update", f"nodename={node}", "state=resume", check=False)
+            slurm_wait_for(lambda: self.node_state(node) in ("idle", "mix", "alloc"), 30,
+                           what=f"node {node} back in service")
+
     @contextlib.contextmanager
     def ctld_stopped(self) -> Iterator[None]:
         """slurmctld shut down (connection refused), restarted with its saved job state."""

@@ -247,6 +247,29 @@ def test_scheduling_status_and_renice_follow_priority(slurm: SlurmCluster,
     assert api.containers[uuids[0]]["runtime_status"]["scheduling_status"].startswith("waiting")
 
 
+def test_node_failure_reaches_runtime_status(slurm: SlurmCluster, tmp_path: Path) -> None:
+    """The node of a Running container's job goes DOWN: Slurm ends the job with NODE_FAIL, and
+    the container is cancelled with that reason in runtime_status.errorDetail."""
+    api = FakeArvados()
+    uuid = api.add_container("Running")
+    slurm.run("sbatch", f"--job-name={uuid}", "--nodelist=n2", "--no-requeue",
+              "--output=/dev/null", "--wrap=sleep 60")
+    recorder = JobEndRecorder(api, lambda: MY_TOKEN_UUID)
+    s = Scenario(config(tmp_path), api, on_job_ended=recorder)
+
+    async def go() -> None:
+        await s.until(lambda: slurm.live_jobs().get(uuid, [("", "", "")])[0][2] == "RUNNING")
+        with slurm.node_down("n2"):
+            await s.until(lambda: api.containers[uuid]["state"] == "Cancelled")
+
+    core_run(go(), 90)
+    status = api.containers[uuid]["runtime_status"]
+    assert "ended: its node failed (NODE_FAIL" in status["errorDetail"]
+    assert "without crunch-run finishing it" in status["error"]
+    assert any("its node failed (NODE_FAIL" in (e["properties"].get("text") or "")
+               for e in api.logs)
+
+
 def test_job_ended_badly_is_recorded_on_the_container(slurm: SlurmCluster,
                                                        tmp_path: Path) -> None:
     """A Running container whose job Slurm ended (here: killed by an admin) gets the reason in
