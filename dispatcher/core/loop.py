@@ -414,6 +414,13 @@ class Dispatcher:
         mine_f = [["locked_by_uuid", "=", self.my_token_uuid]]
         queued_f = [["state", "=", "Queued"], ["priority", ">", "0"]]
         records: dict[str, dict[str, Any]] = {}
+        # The scheduler is listed while the controller is queried: both start after this
+        # poll's tick, which is all the job views below rely on (an operation that finishes
+        # after it makes its container BUSY for this poll).
+        jobs_task = asyncio.ensure_future(self.backend.list_jobs())
+        # Retrieved below on every normal path; this keeps an internal error from also
+        # producing "exception was never retrieved" noise.
+        jobs_task.add_done_callback(lambda t: t.cancelled() or t.exception())
         # Our own containers are paged by UUID, not "priority desc" as the reference does: the
         # loop orders them itself, a unique key makes offset paging stable while priorities
         # change, and the controller serves it from an index (10,000 Locked containers: 0.5 s
@@ -424,6 +431,8 @@ class Dispatcher:
             if rows is None:
                 report.ok = False
                 self.metrics.errors.labels("query").inc()
+                # Let the listing finish (the backend may be reporting ended jobs), unused.
+                await asyncio.gather(jobs_task, return_exceptions=True)
                 return
             for row in rows:
                 records[row["uuid"]] = row
@@ -435,7 +444,7 @@ class Dispatcher:
 
         jobs: dict[str, Job] | None
         try:
-            jobs = await self.backend.list_jobs()
+            jobs = await jobs_task
         except Exception as exc:
             jobs = None
             report.jobs_ok = False
