@@ -241,3 +241,31 @@ def test_scheduling_status_waits_until_a_job_has_been_pending_a_while() -> None:
     assert core_run(go()) == [0, 0, 0, 20]
     assert {api.containers[u]["runtime_status"]["scheduling_status"] for u in uuids} == {
         "waiting: partition compute is down"}
+
+
+def test_a_cancelled_command_is_killed_not_left_running(tmp_path: Path, monkeypatch: Any) -> None:
+    """Commands run on worker threads; when the caller gives up (here a renice pass cut by its
+    deadline) the process group is killed at once, not left to its own timeout."""
+    import time
+
+    from dispatcher.core.backend import Job
+    from dispatcher.slurm import backend as backend_mod
+
+    monkeypatch.setattr(backend_mod, "RENICE_PASS_MIN_S", 0.3)
+    fake = FakeSlurm(tmp_path)
+    pids = tmp_path / "pids"
+    fake.set("scontrol", f"echo $$ >> {pids}; exec sleep 30")
+    be = backend(fake, timeout_s=0.01)  # the pass deadline: max(0.3 s, 4 x 0.01 s) ...
+    be.cli.renice_runner.default_timeout_s = 60  # ... while each command may run a minute
+    jobs = {u: Job(name=u, job_id=str(i), state="PENDING", nice=10000, priority=100,
+                   pending=True) for i, u in enumerate((U1, U2))}
+    t0 = time.monotonic()
+    run(be.set_priorities({U1: 2, U2: 1}, jobs))
+    assert time.monotonic() - t0 < 5
+    deadline = time.monotonic() + 5
+    started = [int(p) for p in pids.read_text().split()]
+    assert len(started) == 2
+    while any(Path(f"/proc/{p}").exists() and
+              Path(f"/proc/{p}/stat").read_text().split()[2] != "Z" for p in started):
+        assert time.monotonic() < deadline, "a cancelled scontrol is still running"
+        time.sleep(0.05)
