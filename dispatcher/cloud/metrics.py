@@ -20,7 +20,8 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import Generic, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.metrics_core import Metric
@@ -29,6 +30,8 @@ P = "arvados_dispatchcloud_"
 QUANTILES = (0.5, 0.9, 0.95, 0.99)
 SUMMARY_MAX_AGE_S = 600.0
 SUMMARY_MAX_SAMPLES = 10_000   # per series and window: bounds memory at any observation rate
+
+ChildT = TypeVar("ChildT")
 
 
 class _CounterChild:
@@ -41,26 +44,35 @@ class _CounterChild:
         self.value += amount
 
 
-class RefCounter:
-    """A counter exported under exactly its reference name (no ``_total``); API as
-    prometheus-client's: ``c.labels(a="x").inc()``."""
+class _Family(Generic[ChildT]):
+    """Named series with one child per label combination, created on first use."""
 
-    def __init__(self, name: str, documentation: str, labelnames: Iterable[str]) -> None:
+    def __init__(self, name: str, documentation: str, labelnames: Iterable[str],
+                 child: Callable[[], ChildT]) -> None:
         self.name = name
         self.documentation = documentation
         self.labelnames = tuple(labelnames)
-        self._children: dict[tuple[str, ...], _CounterChild] = {}
+        self._new_child = child
+        self._children: dict[tuple[str, ...], ChildT] = {}
         self._lock = threading.Lock()
 
-    def labels(self, **labels: str) -> _CounterChild:
+    def labels(self, **labels: str) -> ChildT:
         if set(labels) != set(self.labelnames):
             raise ValueError(f"{self.name}: labels must be {self.labelnames}")
         key = tuple(str(labels[n]) for n in self.labelnames)
         with self._lock:
             child = self._children.get(key)
             if child is None:
-                child = self._children[key] = _CounterChild()
+                child = self._children[key] = self._new_child()
         return child
+
+
+class RefCounter(_Family[_CounterChild]):
+    """A counter exported under exactly its reference name (no ``_total``); API as
+    prometheus-client's: ``c.labels(a="x").inc()``."""
+
+    def __init__(self, name: str, documentation: str, labelnames: Iterable[str]) -> None:
+        super().__init__(name, documentation, labelnames, _CounterChild)
 
     def family(self) -> Metric:
         m = Metric(self.name, self.documentation, "unknown")
@@ -98,26 +110,12 @@ class _SummaryChild:
         return [(q, values[max(0, math.ceil(q * len(values)) - 1)]) for q in QUANTILES]
 
 
-class RefSummary:
+class RefSummary(_Family[_SummaryChild]):
     """A summary with the reference's quantiles; ``s.observe(v)`` or
     ``s.labels(outcome="success").observe(v)``."""
 
     def __init__(self, name: str, documentation: str, labelnames: Iterable[str] = ()) -> None:
-        self.name = name
-        self.documentation = documentation
-        self.labelnames = tuple(labelnames)
-        self._children: dict[tuple[str, ...], _SummaryChild] = {}
-        self._lock = threading.Lock()
-
-    def labels(self, **labels: str) -> _SummaryChild:
-        if set(labels) != set(self.labelnames):
-            raise ValueError(f"{self.name}: labels must be {self.labelnames}")
-        key = tuple(str(labels[n]) for n in self.labelnames)
-        with self._lock:
-            child = self._children.get(key)
-            if child is None:
-                child = self._children[key] = _SummaryChild()
-        return child
+        super().__init__(name, documentation, labelnames, _SummaryChild)
 
     def observe(self, value: float) -> None:
         if self.labelnames:
