@@ -16,6 +16,7 @@ import signal
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 # A redactor turns a text that might contain secrets into one that does not. The runner applies
 # it to everything it puts into exceptions, so that a token passed in an environment variable
@@ -172,7 +173,7 @@ class CommandRunner:
         try:
             out, err = await asyncio.wait_for(proc.communicate(data), limit_s)
         except TimeoutError:
-            _kill_group(proc)
+            kill_group(proc)
             partial_out, partial_err = await _drain(proc)
             raise CommandTimeout(
                 argv,
@@ -182,7 +183,7 @@ class CommandRunner:
                 f"timed out after {limit_s:g}s",
             ) from None
         except asyncio.CancelledError:
-            _kill_group(proc)
+            kill_group(proc)
             await _drain(proc)
             raise
         return CommandResult(
@@ -194,7 +195,15 @@ class CommandRunner:
         )
 
 
-def _kill_group(proc: asyncio.subprocess.Process) -> None:
+class _Killable(Protocol):
+    pid: int
+
+    def kill(self) -> None: ...
+
+
+def kill_group(proc: _Killable) -> None:
+    """SIGKILL the process group a command was started in (``start_new_session``), or at
+    least the process itself; an already-gone process is fine."""
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):

@@ -28,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import os
 import random
-import signal
 import subprocess
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -44,6 +43,7 @@ from dispatcher.proc import (
     CommandResult,
     CommandRunner,
     CommandTimeout,
+    kill_group,
 )
 from dispatcher.slurm import parse
 
@@ -171,12 +171,12 @@ class ThreadedCommandRunner(CommandRunner):
             )
             started["proc"] = proc
             if cancelled:  # the caller gave up while we were starting it
-                _kill_group(proc)
+                kill_group(proc)
             try:
                 out, err = proc.communicate(data, timeout=limit_s)
                 return proc.returncode, out, err, time.monotonic() - t0, False
             except subprocess.TimeoutExpired:
-                _kill_group(proc)
+                kill_group(proc)
                 try:
                     out, err = proc.communicate(timeout=5)
                 except subprocess.TimeoutExpired:  # stuck in the kernel: give up on its output
@@ -193,7 +193,7 @@ class ThreadedCommandRunner(CommandRunner):
             cancelled = True
             proc = started.get("proc")
             if proc is not None:
-                _kill_group(proc)
+                kill_group(proc)
             raise
         stdout = self._redact(out.decode(errors="replace"))
         stderr = self._redact(err.decode(errors="replace"))
@@ -203,16 +203,6 @@ class ThreadedCommandRunner(CommandRunner):
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
-
-
-def _kill_group(proc: subprocess.Popen[bytes]) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        try:
-            proc.kill()
-        except ProcessLookupError:
-            pass
 
 
 class SlurmCLI:
