@@ -12,6 +12,7 @@ still never format a token into a message.
 
 from __future__ import annotations
 
+import bisect
 import json
 import logging
 import os
@@ -25,27 +26,35 @@ CONTEXT_FIELDS = ("container_uuid", "job_id", "tunnel_id", "instance", "request_
 
 _secrets: set[str] = set()
 _secrets_lock = threading.Lock()
+# Longest first (a secret that contains another is replaced whole), rebuilt only on a change:
+# a dispatcher registers one gateway secret per container it submits.
+_secrets_ordered: list[str] = []
 
 
 def register_secret(value: str | None) -> None:
     """Make sure ``value`` never appears in a log line. Short values are ignored."""
     if value and len(value) >= 8:
+        global _secrets_ordered
+        new = [value]
+        # Arvados v2 tokens are "v2/<uuid>/<secret>": scrub the secret part on its own too.
+        if value.startswith("v2/") and value.count("/") == 2:
+            part = value.rsplit("/", 1)[1]
+            if len(part) >= 8:
+                new.append(part)
         with _secrets_lock:
-            _secrets.add(value)
-            # Arvados v2 tokens are "v2/<uuid>/<secret>": scrub the secret part on its own too.
-            if value.startswith("v2/") and value.count("/") == 2:
-                part = value.rsplit("/", 1)[1]
-                if len(part) >= 8:
-                    _secrets.add(part)
+            new = [v for v in new if v not in _secrets]
+            if not new:
+                return
+            ordered = list(_secrets_ordered)
+            for v in new:
+                _secrets.add(v)
+                bisect.insort(ordered, v, key=lambda x: -len(x))
+            _secrets_ordered = ordered
 
 
 def redact(text: str) -> str:
     """Return ``text`` with every registered secret replaced."""
-    if not _secrets:
-        return text
-    with _secrets_lock:
-        secrets = sorted(_secrets, key=len, reverse=True)
-    for s in secrets:
+    for s in _secrets_ordered:   # the list is replaced, never mutated: no lock needed
         if s in text:
             text = text.replace(s, REDACTED)
     return text
