@@ -41,9 +41,7 @@ import json
 import logging
 import os
 import random
-import secrets
 import ssl
-import string
 import time
 from collections.abc import Mapping, Sequence
 from types import TracebackType
@@ -61,7 +59,7 @@ from dispatcher.arvados.errors import (
     Unprocessable,
     error_for_status,
 )
-from dispatcher.arvados.ids import UUID_RE
+from dispatcher.arvados.ids import UUID_RE, random_alnum
 from dispatcher.logs import redact, register_secret
 
 if TYPE_CHECKING:
@@ -84,12 +82,9 @@ log = logging.getLogger("crunchgate.arvados.client")
 API_PREFIX = "/arvados/v1/"
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "PUT", "PATCH", "DELETE", "OPTIONS"})
 TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
-_ALNUM = string.ascii_lowercase + string.digits
-
-
 def new_request_id() -> str:
     """``req-`` followed by 20 random lowercase alphanumerics, as Arvados clients send."""
-    return "req-" + "".join(secrets.choice(_ALNUM) for _ in range(20))
+    return "req-" + random_alnum(20)
 
 
 def encode_value(value: Any) -> str:

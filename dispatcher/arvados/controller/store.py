@@ -19,9 +19,7 @@ import hashlib
 import hmac
 import json
 import os
-import secrets
 import sqlite3
-import string
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +27,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
+
+from dispatcher.arvados.ids import random_alnum
 
 from . import states
 from .errors import Forbidden, NotFound, StoreError, Unauthorized, Unprocessable
@@ -46,7 +46,6 @@ from .states import Caller
 T = TypeVar("T")
 
 SCHEMA_VERSION = 1
-_ALNUM = string.ascii_lowercase + string.digits
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -151,7 +150,7 @@ ContainerListener = Callable[[dict[str, Any] | None, dict[str, Any]], None]
 
 def new_uuid(cluster_id: str, infix: str) -> str:
     """``<cluster>-<infix>-<15 random lowercase alnum>``."""
-    return f"{cluster_id}-{infix}-" + "".join(secrets.choice(_ALNUM) for _ in range(15))
+    return f"{cluster_id}-{infix}-" + random_alnum(15)
 
 
 def _dumps(value: Any) -> str:
@@ -371,7 +370,7 @@ class Store:
         now = self._now()
         doc = self._base_doc(API_CLIENT_AUTHORIZATION, None, now)
         doc.update(owner_uuid=user_uuid, scopes=["all"])
-        secret = "".join(secrets.choice(_ALNUM) for _ in range(50))
+        secret = random_alnum(50)
         self._write(API_CLIENT_AUTHORIZATION, doc, {}, insert=True,
                     extra={"api_token": secret, "container_uuid": container_uuid})
         return doc, secret
