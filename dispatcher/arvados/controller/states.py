@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 from .errors import Forbidden, Unprocessable
 
@@ -392,3 +393,107 @@ def merge_scheduling_parameters(params: list[Mapping[str, Any]]) -> dict[str, An
     if any(r > 0 for r in runs):
         out["max_run_time"] = 0 if 0 in runs else max(runs)
     return out
+
+
+# --- published ports (container web services, tunnel.md 5.7) ------------------------------------
+
+PUBLISHED_PORT_KEYS = frozenset({"access", "label", "initial_path"})
+# Filled in while the container is Running; never accepted from a client.
+PUBLISHED_PORT_URL_KEYS = ("base_url", "initial_url", "external_port")
+
+
+def validate_published_ports(value: Any) -> None:
+    """``published_ports`` of a request (or an admin-created container): 422 naming the problem.
+
+    A map keyed by a decimal port (1-65535) to ``{"access": "public"|"private", "label":
+    non-empty string, "initial_path": string}`` and nothing else.
+    """
+    if value is None:
+        return
+    if not isinstance(value, dict):
+        raise Unprocessable("published_ports: must be an object keyed by port number")
+    for key, entry in value.items():
+        where = f"published_ports[{key!r}]"
+        if not (isinstance(key, str) and key.isascii() and key.isdigit() and key[0] != "0"
+                and int(key) <= 65535):
+            raise Unprocessable(f"{where}: the key must be a port number from 1 to 65535 "
+                                "written in decimal")
+        if not isinstance(entry, dict):
+            raise Unprocessable(f"{where}: must be an object with access, label and "
+                                "initial_path")
+        extra = sorted(set(entry) - PUBLISHED_PORT_KEYS)
+        if extra:
+            raise Unprocessable(f"{where}: unknown keys {extra}; allowed are access, label and "
+                                "initial_path")
+        if entry.get("access") not in ("public", "private"):
+            raise Unprocessable(f"{where}.access: must be \"public\" or \"private\"")
+        label = entry.get("label")
+        if not isinstance(label, str) or not label:
+            raise Unprocessable(f"{where}.label: must be a non-empty string")
+        if not isinstance(entry.get("initial_path"), str):
+            raise Unprocessable(f"{where}.initial_path: must be a string (may be empty)")
+
+
+def validate_service_request(cr: Mapping[str, Any]) -> None:
+    """A service container cannot be reused: ``service: true`` needs ``use_existing: false``."""
+    validate_published_ports(cr.get("published_ports"))
+    if cr.get("service") and cr.get("use_existing", True):
+        raise Unprocessable("use_existing: cannot be true when service is true (a service "
+                            "container must not be reused); set use_existing to false")
+
+
+@dataclass(frozen=True)
+class WebServicesConfig:
+    """``Services.ContainerWebServices``: the URL form that ``base_url`` is built from."""
+
+    external_url: str = ""
+    port_min: int = 0
+    port_max: int = 0
+
+    @property
+    def wildcard(self) -> bool:
+        return self.host.startswith("*")
+
+    @property
+    def host(self) -> str:
+        return (urlsplit(self.external_url).hostname or "").lower()
+
+    @property
+    def port_range(self) -> bool:
+        """The port-range form: a non-wildcard host and ``ExternalPortMin/Max`` > 0."""
+        return (bool(self.external_url) and not self.wildcard and self.port_min > 0
+                and self.port_max >= self.port_min)
+
+
+def published_port_urls(uuid: str, ports: Mapping[str, Any], web: WebServicesConfig,
+                        external: Mapping[str, int]) -> dict[str, Any]:
+    """``published_ports`` of a container entering Running: each entry plus ``base_url``,
+    ``initial_url`` and (port-range form) ``external_port``.
+
+    ``external`` maps container port → assigned external port; a port without an assignment
+    (range exhausted, or no web-services URL configured) gets no URLs.
+    """
+    parts = urlsplit(web.external_url)
+    scheme = parts.scheme or "https"
+    default = 443 if scheme == "https" else 80
+    port_suffix = f":{parts.port}" if parts.port and parts.port != default else ""
+    out: dict[str, Any] = {}
+    for key, entry in ports.items():
+        entry = {k: v for k, v in dict(entry).items() if k not in PUBLISHED_PORT_URL_KEYS}
+        base = ""
+        if web.wildcard:
+            base = f"{scheme}://{uuid}-{key}{web.host[1:]}{port_suffix}/"
+        elif web.port_range and key in external:
+            entry["external_port"] = external[key]
+            base = f"{scheme}://{web.host}:{external[key]}/"
+        if base:
+            entry["base_url"] = base
+            entry["initial_url"] = base + str(entry.get("initial_path") or "").lstrip("/")
+        out[key] = entry
+    return out
+
+
+def published_ports_without_urls(ports: Mapping[str, Any]) -> dict[str, Any]:
+    """``published_ports`` of a container that left Running (its assignments are dropped)."""
+    return {k: {f: v for f, v in dict(e).items() if f not in PUBLISHED_PORT_URL_KEYS}
+            for k, e in ports.items()}

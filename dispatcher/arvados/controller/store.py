@@ -86,6 +86,11 @@ CREATE TABLE IF NOT EXISTS logs (
 CREATE INDEX IF NOT EXISTS logs_object ON logs(object_uuid, id);
 CREATE INDEX IF NOT EXISTS logs_created_at ON logs(created_at);
 CREATE INDEX IF NOT EXISTS logs_event_type ON logs(event_type);
+-- Port-range container web services: which Running container holds which external port.
+CREATE TABLE IF NOT EXISTS container_ports (
+    external_port INTEGER PRIMARY KEY, container_port INTEGER NOT NULL,
+    container_uuid TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS container_ports_uuid ON container_ports(container_uuid);
 """
 
 
@@ -100,10 +105,12 @@ class Policy:
     default_keep_cache_ram: int = 0
     default_priority: int = 500
     max_items_per_response: int = 1000
+    web_services: states.WebServicesConfig = field(default_factory=states.WebServicesConfig)
 
     @classmethod
     def from_config(cls, cfg: Any) -> Policy:
         """Build from a :class:`dispatcher.config.ClusterConfig`."""
+        ws = cfg.services.container_web_services
         return cls(
             cluster_id=cfg.cluster_id or "zzzzz",
             system_root_token=cfg.system_root_token,
@@ -112,6 +119,9 @@ class Policy:
             default_keep_cache_ram=cfg.containers.default_keep_cache_ram,
             default_priority=cfg.containers.default_priority,
             max_items_per_response=cfg.api.max_items_per_response,
+            web_services=states.WebServicesConfig(
+                external_url=ws.external_url, port_min=ws.external_port_min,
+                port_max=ws.external_port_max),
         )
 
     @property
@@ -515,6 +525,7 @@ class Store:
         if unknown:
             raise Unprocessable(f"cannot set {sorted(unknown)} when creating a container")
         attrs = check_types(CONTAINER, attrs)
+        states.validate_published_ports(attrs.get("published_ports"))
         if attrs.get("state", states.QUEUED) != states.QUEUED:
             raise Unprocessable("state: a new container must be Queued")
         with self._tx():
@@ -585,6 +596,7 @@ class Store:
         with self._tx():
             ctr, _ = self._get_visible(CONTAINER, caller, uuid)
             self._conn.execute("DELETE FROM containers WHERE uuid = ?", (uuid,))
+            self._conn.execute("DELETE FROM container_ports WHERE container_uuid = ?", (uuid,))
         return ctr
 
     def _may_see_secrets(self, caller: Caller, ctr: Mapping[str, Any]) -> bool:
@@ -658,6 +670,13 @@ class Store:
             doc["auth_uuid"] = token["uuid"]
         if plan.became_final:
             hidden = {k: v for k, v in hidden.items() if k not in ("secret_mounts", "runtime_token")}
+        if plan.new_state == states.RUNNING and plan.old_state != states.RUNNING:
+            doc["published_ports"] = self._publish_ports(doc)
+        elif plan.old_state == states.RUNNING and plan.new_state != states.RUNNING:
+            self._conn.execute("DELETE FROM container_ports WHERE container_uuid = ?",
+                               (doc["uuid"],))
+            doc["published_ports"] = states.published_ports_without_urls(
+                doc.get("published_ports") or {})
         doc["modified_at"] = self._now()
         doc["modified_by_user_uuid"] = caller.user_uuid
         self._write(CONTAINER, doc, hidden, insert=False)
@@ -667,6 +686,28 @@ class Store:
         elif doc["priority"] != old["priority"]:
             self._propagate_priority(doc["uuid"])
         return doc
+
+    def _publish_ports(self, ctr: Mapping[str, Any]) -> dict[str, Any]:
+        """URLs (and, port-range form, the lowest free external ports) for a container
+        entering Running (tunnel.md 5.7). The single database thread makes the "lock" on
+        ``container_ports`` implicit. Ports beyond an exhausted range get no assignment."""
+        ports: dict[str, Any] = ctr.get("published_ports") or {}
+        web = self.policy.web_services
+        external: dict[str, int] = {}
+        if ports and web.port_range:
+            used = {row[0] for row in self._conn.execute(
+                "SELECT external_port FROM container_ports WHERE external_port BETWEEN ? AND ?",
+                (web.port_min, web.port_max))}
+            free = (p for p in range(web.port_min, web.port_max + 1) if p not in used)
+            for key in sorted(ports, key=int):
+                ext = next(free, None)
+                if ext is None:
+                    break
+                external[key] = ext
+                self._conn.execute(
+                    "INSERT INTO container_ports (external_port, container_port, container_uuid)"
+                    " VALUES (?, ?, ?)", (ext, int(key), ctr["uuid"]))
+        return states.published_port_urls(ctr["uuid"], ports, web, external)
 
     def _container_finished(self, ctr: Mapping[str, Any]) -> None:
         """Finalize or retry the requests of a container that reached Complete/Cancelled."""
@@ -823,6 +864,7 @@ class Store:
     def _prepare_request(self, doc: dict[str, Any]) -> None:
         if not isinstance(doc.get("priority"), int) or doc["priority"] < 0:
             raise Unprocessable("priority: must be a non-negative integer")
+        states.validate_service_request(doc)
         if doc["state"] == states.COMMITTED:
             doc["runtime_constraints"] = states.default_runtime_constraints(
                 doc.get("runtime_constraints"), self.policy.default_keep_cache_ram
