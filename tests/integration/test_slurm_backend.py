@@ -103,8 +103,15 @@ def test_submit_lists_pending_with_reason_and_env(slurm: SlurmCluster, tmp_path:
         # starts or settles within seconds costs no container update).
         assert backend.scheduling_status(job) == ""
         await backend.list_jobs()
-        assert backend.scheduling_status((await backend.list_jobs())[uuid(1)]) == \
-            "waiting: partition parked is down"
+        await backend.list_jobs()
+        # From then on the status follows Slurm's reason, which its scheduler sets on its next
+        # pass (the reason is "None" until then): wait for it, with a deadline.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 60
+        while (job := (await backend.list_jobs())[uuid(1)]).reason == "None":
+            assert loop.time() < deadline, "Slurm never gave the pending job a reason"
+            await asyncio.sleep(0.5)
+        assert backend.scheduling_status(job) == "waiting: partition parked is down"
 
     run(go())
     # exactly one job by that name, and nothing was run
