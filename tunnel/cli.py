@@ -15,8 +15,6 @@ goes into ``gateway_address``, so every broker's URL must be listed in
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
 import sys
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -34,6 +32,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from dispatcher import fastloop
     from dispatcher.config import ConfigError, load_config, service_internal_url
     from dispatcher.logs import register_secret, setup_logging
 
@@ -50,12 +49,8 @@ def run(args: argparse.Namespace) -> int:
         print("crunchgate broker: SystemRootToken is empty; tunnels cannot be authenticated",
               file=sys.stderr)
         return 2
-    with contextlib.suppress(ImportError):
-        import uvloop
-
-        uvloop.install()
     try:
-        asyncio.run(_serve(cfg, internal, args.listen, Path(args.data or "broker-data")))
+        fastloop.run(_serve(cfg, internal, args.listen, Path(args.data or "broker-data")))
     except Exception as exc:  # noqa: BLE001 - top level: one clear line
         print(f"crunchgate broker: {exc}", file=sys.stderr)
         return 1

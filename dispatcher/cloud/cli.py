@@ -24,6 +24,7 @@ import urllib.parse
 import urllib.request
 from typing import Any
 
+from dispatcher import fastloop
 from dispatcher.config import ClusterConfig, ConfigError, load_config
 from dispatcher.logs import register_secret, setup_logging
 
@@ -229,7 +230,7 @@ def run(args: argparse.Namespace) -> int:
               "(set CRUNCHGATE_LOCK_DIR to a writable directory)", file=sys.stderr)
         return 2
     try:
-        return asyncio.run(serve(cfg, args.config))
+        return fastloop.run(serve(cfg, args.config))
     except KeyboardInterrupt:
         return 130
     except CloudError as exc:

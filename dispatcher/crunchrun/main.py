@@ -28,8 +28,6 @@ while the first holds the lock.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
 import json
 import logging
 import os
@@ -41,6 +39,7 @@ import tempfile
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from dispatcher import fastloop
 from dispatcher.arvados.errors import ArvadosError
 from dispatcher.arvados.ids import UUID_RE
 from dispatcher.crunchrun import locks
@@ -269,14 +268,8 @@ def run_foreground(args: argparse.Namespace, lock_dir: str, secret: str) -> int:
         async with client:
             return await Runner(client, args.uuid, opts, gateway_secret=secret).run()
 
-    # uvloop (the `fast` extra) when installed: the agent's tunnel figures in docs/tunnel.md are
-    # measured with it.
-    with contextlib.suppress(ImportError):
-        import uvloop
-
-        uvloop.install()
     try:
-        return asyncio.run(go())
+        return fastloop.run(go())
     finally:
         if held is not None:
             held.release()

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from dispatcher import fastloop
 from dispatcher.config import ClusterConfig, ConfigError, controller_url, load_config
 from dispatcher.logs import register_secret, setup_logging
 
@@ -128,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
     register_secret(cfg.system_root_token)
     register_secret(cfg.management_token)
     try:
-        return asyncio.run(serve(cfg, state_dir, args.max_jobs))
+        return fastloop.run(serve(cfg, state_dir, args.max_jobs))
     except KeyboardInterrupt:
         return 130
     except Exception as exc:

@@ -20,6 +20,7 @@ import os
 import signal
 import sys
 
+from dispatcher import fastloop
 from dispatcher.config import ClusterConfig, ConfigError, load_config
 from dispatcher.logs import register_secret, setup_logging
 
@@ -103,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
     register_secret(cfg.system_root_token)
     register_secret(cfg.management_token)
     try:
-        return asyncio.run(serve(cfg))
+        return fastloop.run(serve(cfg))
     except KeyboardInterrupt:
         return 130
     except Exception as exc:

@@ -25,6 +25,7 @@ import signal
 import sys
 from typing import Any
 
+from dispatcher import fastloop
 from dispatcher.config import ClusterConfig, ConfigError, load_config
 from dispatcher.logs import register_secret, setup_logging
 from dispatcher.slurm.legacy import DEFAULT_LEGACY_PATH, is_cluster_config, load_legacy_config
@@ -184,7 +185,7 @@ def run(args: argparse.Namespace) -> int:
               "dispatcher and its jobs need it", file=sys.stderr)
         return 2
     try:
-        return asyncio.run(serve(cfg))
+        return fastloop.run(serve(cfg))
     except KeyboardInterrupt:
         return 130
     except Exception as exc:

@@ -12,7 +12,6 @@ stdout and nothing else.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import logging
 import os
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from dispatcher import fastloop
 from dispatcher.logs import register_secret, setup_logging
 
 from .errors import ControllerError, Unprocessable
@@ -184,14 +184,8 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    # uvloop (the `fast` extra) when installed: the broker's tunnel figures in docs/tunnel.md
-    # are measured with it.
-    with contextlib.suppress(ImportError):
-        import uvloop
-
-        uvloop.install()
     try:
-        asyncio.run(serve(cfg, data_dir, config_path=args.config,
+        fastloop.run(serve(cfg, data_dir, config_path=args.config,
                           with_broker=not args.no_broker))
     except (ConfigError, ControllerError, ServiceError, OSError, ssl.SSLError) as exc:
         log.error("controller failed: %s", exc)
