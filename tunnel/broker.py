@@ -91,6 +91,7 @@ class Backend(Protocol):
     async def container(self, uuid: str) -> dict[str, Any]: ...
     async def container_request(self, uuid: str) -> dict[str, Any]: ...
     async def requests_for(self, uuid: str) -> tuple[list[dict[str, Any]], int]: ...
+    async def running_published_ports(self) -> list[dict[str, Any]]: ...
     async def update_container(self, uuid: str, attrs: dict[str, Any]) -> None: ...
     async def close(self) -> None: ...
 
@@ -132,6 +133,11 @@ class ApiBackend:
         items = list(resp.get("items") or [])
         return items, int(resp.get("items_available", len(items)) or 0)
 
+    async def running_published_ports(self) -> list[dict[str, Any]]:
+        """``uuid`` and ``published_ports`` of every Running container (port-range lookup)."""
+        return await self.root.list_all("containers", filters=[["state", "=", "Running"]],
+                                        select=["uuid", "published_ports"])
+
     async def update_container(self, uuid: str, attrs: dict[str, Any]) -> None:
         await self.root.update("containers", uuid, attrs)
 
@@ -156,6 +162,8 @@ class BrokerConfig:
     ca_file: str | None = None
     settings: TunnelSettings = field(default_factory=TunnelSettings)
     web_services_url: str = ""  # Services.ContainerWebServices.ExternalURL
+    web_port_min: int = 0  # ... ExternalPortMin/Max (the port-range form)
+    web_port_max: int = 0
 
     @classmethod
     def from_cluster(cls, cfg: Any, internal_url: str | None = None) -> BrokerConfig:
@@ -173,6 +181,8 @@ class BrokerConfig:
             max_gateway_tunnels=cfg.api.max_gateway_tunnels,
             tls_insecure=cfg.tls.insecure,
             web_services_url=cfg.services.container_web_services.external_url,
+            web_port_min=cfg.services.container_web_services.external_port_min,
+            web_port_max=cfg.services.container_web_services.external_port_max,
         )
 
 
@@ -361,6 +371,7 @@ class Broker:
             await asyncio.sleep(0.05)
         for conn in conns:
             conn.close()
+        await self.webservices.close()
         await self.backend.close()
 
     # --- slots -------------------------------------------------------------------------------

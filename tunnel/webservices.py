@@ -1,10 +1,15 @@
-"""Container web services: ``https://<uuid>-<port>.<ContainerWebServices wildcard>/...``.
+"""Container web services: ``https://<uuid>-<port>.<ContainerWebServices wildcard>/...`` and
+``https://<ContainerWebServices host>:<external port>/...``.
 
-Requests whose ``Host`` matches ``Services.ContainerWebServices.ExternalURL`` (wildcard form,
-e.g. ``https://*.containers.example.com``) are proxied to that port of the container through
-its tunnel (reference section 5):
+Requests whose ``Host`` matches ``Services.ContainerWebServices.ExternalURL`` are proxied to a
+port of a container through its tunnel (reference section 5):
 
-* target ``<container or container request UUID>-<port>``;
+* wildcard form (``https://*.containers.example.com``): target ``<container or container request
+  UUID>-<port>``;
+* port-range form (a plain host plus ``ExternalPortMin``/``ExternalPortMax``): a ``Host`` of that
+  host with a port in the range is the container port that the controller assigned that
+  external port while the container is Running (``published_ports[p].external_port``, see
+  :class:`ExternalPorts`); an unassigned one is ``410``;
 * a token in ``?arvados_api_token=`` is moved into an HttpOnly cookie by a ``303`` to the same
   URL without it (other query parameters kept); the cookie ``arvados_api_token`` (base64url) or
   an ``Authorization`` header authenticate later requests;
@@ -22,7 +27,10 @@ keeps its connection: :class:`BodyReader` finds where the container's response b
 (``Content-Length``, chunked, or the end of the stream) and aiohttp frames it for the client, so
 several requests can share one client connection (HTTP keep-alive). Upgrades (websockets) take
 the connection over and relay bytes both ways until either end closes. When the tunnel is held
-by another controller, the request goes there once with ``X-Arvados-No-Forward: 1``.
+by another controller, the request goes there with ``X-Arvados-No-Forward: 1`` over a pooled
+keep-alive session per controller (:class:`Forwarder`), so a client's keep-alive connection
+carries several forwarded requests, each one marked; an upgrade is spliced to that controller
+on a connection of its own.
 """
 
 from __future__ import annotations
@@ -38,7 +46,10 @@ from http.cookies import SimpleCookie
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
+import aiohttp
 from aiohttp import web
+from multidict import CIMultiDict
+from yarl import URL
 
 from dispatcher.arvados.errors import ArvadosError, Forbidden, NotFound
 from dispatcher.logs import register_secret
@@ -62,18 +73,23 @@ class WebError(TunnelError):
     """A refusal answered as ``{"errors": [...]}`` with ``status``."""
 
 
-def vhost_target(external_url: str, host_header: str) -> str | None:
-    """The ``<uuid>-<port>`` prefix if ``host_header`` is a container web-service host."""
+def vhost_target(external_url: str, host_header: str, port_min: int = 0, port_max: int = 0
+                 ) -> str | None:
+    """The target if ``host_header`` is a container web-service host (reference 5.1):
+    ``:<external port>`` (port-range form) or the ``<uuid>-<port>`` prefix (wildcard form)."""
     if not external_url or not host_header:
         return None
     cfg = urlsplit(external_url)
     cfg_host = (cfg.hostname or "").lower()
-    if not cfg_host.startswith("*"):
-        return None
-    suffix = cfg_host[1:]
     host, _, port = host_header.lower().rpartition(":")
     if not host or not port.isdigit():
         host, port = host_header.lower(), ""
+    if (0 < port_min <= port_max and port and host.strip("[]") == cfg_host
+            and port_min <= int(port) <= port_max):
+        return f":{int(port)}"
+    if not cfg_host.startswith("*"):
+        return None
+    suffix = cfg_host[1:]
     default = "443" if cfg.scheme == "https" else "80"
     if (port or default) != str(cfg.port or default):
         return None
@@ -216,17 +232,161 @@ def parse_response_head(raw: bytes) -> tuple[int, str, list[tuple[str, str]]]:
     return int(parts[1]), parts[2] if len(parts) > 2 else "", headers
 
 
+class ExternalPorts:
+    """Port-range form: external port -> (Running container, container port).
+
+    The assignments live in the container records (``published_ports[p].external_port``, set
+    by the controller when the container enters Running, dropped when it leaves), so the map
+    is rebuilt from a list of the Running containers and every hit is re-checked against the
+    container's current record: a reused port never reaches the container that had it before.
+    Concurrent misses share one scan.
+    """
+
+    def __init__(self, backend: Any) -> None:
+        self.backend = backend
+        self._map: dict[int, tuple[str, int]] = {}
+        self._scan: asyncio.Task[None] | None = None
+
+    async def resolve(self, external: int) -> tuple[dict[str, Any], int] | None:
+        """The container holding ``external`` and its container port, or None."""
+        found = await self._check(external)
+        if found is None:
+            await self._rescan()
+            found = await self._check(external)
+        return found
+
+    async def _check(self, external: int) -> tuple[dict[str, Any], int] | None:
+        hit = self._map.get(external)
+        if hit is None:
+            return None
+        uuid, port = hit
+        try:
+            ctr = await self.backend.container(uuid)
+        except NotFound:
+            return None
+        entry = (ctr.get("published_ports") or {}).get(str(port)) or {}
+        if ctr.get("state") != "Running" or entry.get("external_port") != external:
+            return None
+        return ctr, port
+
+    async def _rescan(self) -> None:
+        if self._scan is None or self._scan.done():
+            self._scan = asyncio.ensure_future(self._load())
+        await asyncio.shield(self._scan)
+
+    async def _load(self) -> None:
+        fresh: dict[int, tuple[str, int]] = {}
+        for ctr in await self.backend.running_published_ports():
+            for key, entry in (ctr.get("published_ports") or {}).items():
+                ext = entry.get("external_port") if isinstance(entry, dict) else None
+                if isinstance(ext, int) and key.isdigit():
+                    fresh[ext] = (ctr["uuid"], int(key))
+        self._map = fresh
+
+
+# Request headers not copied to the controller holding the tunnel: they describe the client
+# connection (aiohttp frames the forwarded request itself), or are the mark we set ourselves.
+FORWARD_SKIP = frozenset({"connection", "keep-alive", "proxy-connection", "te", "trailer",
+                          "transfer-encoding", "content-length", "host", "upgrade", "expect",
+                          NO_FORWARD.lower()})
+
+
+class Forwarder:
+    """C1 -> C2 for ordinary requests: one pooled keep-alive session per controller URL.
+
+    Every request sent through it carries ``X-Arvados-No-Forward: 1`` (C2 then answers from its
+    own tunnel or refuses, never forwards again), the client's ``Host``, path and query
+    unchanged. No cookie jar (the session is shared by every user), no redirects followed, no
+    decompression: the response goes back to the client as C2 sent it.
+    """
+
+    CONNECT_TIMEOUT_S = 30.0
+    HEAD_TIMEOUT_S = 60.0
+
+    def __init__(self, insecure: bool, ca_file: str | None) -> None:
+        self.insecure = insecure
+        self.ca_file = ca_file
+        self._sessions: dict[str, aiohttp.ClientSession] = {}
+
+    def _session(self, url: str) -> aiohttp.ClientSession:
+        session = self._sessions.get(url)
+        if session is None or session.closed:
+            from tunnel.broker import _client_ssl
+
+            connector = aiohttp.TCPConnector(ssl=_client_ssl(self.insecure, self.ca_file),
+                                             limit=0, keepalive_timeout=30)
+            session = aiohttp.ClientSession(
+                connector=connector, cookie_jar=aiohttp.DummyCookieJar(),
+                auto_decompress=False,
+                skip_auto_headers=("Accept", "Accept-Encoding", "User-Agent", "Content-Type"),
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.CONNECT_TIMEOUT_S))
+            self._sessions[url] = session
+        return session
+
+    async def close(self) -> None:
+        sessions, self._sessions = list(self._sessions.values()), {}
+        for session in sessions:
+            await session.close()
+
+    async def forward(self, request: web.Request, url: str, body: bytes) -> web.StreamResponse:
+        headers: CIMultiDict[str] = CIMultiDict()
+        for name, value in request.headers.items():
+            if name.lower() not in FORWARD_SKIP:
+                headers.add(name, value)
+        headers["Host"] = request.host
+        headers[NO_FORWARD] = "1"
+        send_body = body if body or request.method in ("POST", "PUT", "PATCH") else None
+        target = URL(url.rstrip("/") + request.raw_path, encoded=True)
+        try:
+            async with asyncio.timeout(self.HEAD_TIMEOUT_S):
+                upstream = await self._session(url).request(
+                    request.method, target, headers=headers, data=send_body,
+                    allow_redirects=False)
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise WebError(f"cannot reach the controller holding the tunnel: {exc}",
+                           503) from exc
+        async with upstream:
+            resp = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+            for name, value in upstream.headers.items():
+                if name.lower() not in RESPONSE_HOP_BY_HOP:
+                    resp.headers.add(name, value)
+            length = upstream.headers.get("Content-Length", "")
+            if request.method == "HEAD" or upstream.status in (204, 304):
+                if length:
+                    resp.headers["Content-Length"] = length
+            elif length.isdigit():
+                resp.content_length = int(length)
+            await resp.prepare(request)
+            try:
+                async for chunk in upstream.content.iter_any():
+                    await resp.write(chunk)
+            except (aiohttp.ClientError, OSError) as exc:
+                log.info("forwarded container web service response cut short: %s", exc)
+                if request.transport is not None:
+                    request.transport.abort()
+                return resp
+            await resp.write_eof()
+            return resp
+
+
 class WebServices:
     """The vhost proxy; ``middleware`` is added to the broker's application."""
 
     def __init__(self, broker: Broker) -> None:
         self.broker = broker
+        self.external_ports = ExternalPorts(broker.backend)
+        self.forwarder = Forwarder(broker.config.tls_insecure, broker.config.ca_file)
+
+    async def close(self) -> None:
+        await self.forwarder.close()
 
     @web.middleware
     async def middleware(self, request: web.Request,
                          handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
                          ) -> web.StreamResponse:
-        target = vhost_target(self.broker.config.web_services_url, request.host)
+        cfg = self.broker.config
+        target = vhost_target(cfg.web_services_url, request.host, cfg.web_port_min,
+                              cfg.web_port_max)
         if target is None:
             return await handler(request)
         try:
@@ -234,33 +394,44 @@ class WebServices:
         except WebError as exc:
             return web.json_response({"errors": [str(exc)]}, status=exc.status)
 
-    async def handle(self, request: web.Request, target: str) -> web.StreamResponse:
-        m = TARGET_RE.match(target)
-        if m is None:
-            raise WebError("container web service not found", 404)
-        uuid, port = m.group(1), int(m.group(2))
-        if not 1 <= port <= 65535:
-            raise WebError("bad port", 400)
+    async def _resolve(self, target: str) -> tuple[dict[str, Any], int, dict[str, Any]]:
+        """Target -> (container, container port, published_ports), looked up as root (5.2);
+        the ports are the container request's for a request target."""
         backend = self.broker.backend
-        query_token = request.query.get("arvados_api_token", "")
-        token = query_token or _cookie_token(request) or _header_token(request)
-        register_secret(token)
-        # Resolve the container and whether the port is public (as root).
         try:
+            if target.startswith(":"):
+                found = await self.external_ports.resolve(int(target[1:]))
+                if found is None:
+                    raise WebError("unassigned port: no running container holds this port",
+                                   410)
+                ctr, port = found
+                return ctr, port, ctr.get("published_ports") or {}
+            m = TARGET_RE.match(target)
+            if m is None:
+                raise WebError("container web service not found", 404)
+            uuid, port = m.group(1), int(m.group(2))
+            if not 1 <= port <= 65535:
+                raise WebError("bad port", 400)
             if "-xvhdp-" in uuid:
                 cr = await backend.container_request(uuid)
-                ports = cr.get("published_ports") or {}
                 uuid = cr.get("container_uuid") or ""
                 if not uuid:
                     raise WebError("container request has no container", 400)
-                ctr = await backend.container(uuid)
-            else:
-                ctr = await backend.container(uuid)
-                ports = ctr.get("published_ports") or {}
+                return await backend.container(uuid), port, cr.get("published_ports") or {}
+            ctr = await backend.container(uuid)
+            return ctr, port, ctr.get("published_ports") or {}
         except NotFound as exc:
             raise WebError("container web service not found", 404) from exc
         except ArvadosError as exc:
             raise WebError(f"cannot look up the container: {exc}", 503) from exc
+
+    async def handle(self, request: web.Request, target: str) -> web.StreamResponse:
+        backend = self.broker.backend
+        query_token = request.query.get("arvados_api_token", "")
+        token = query_token or _cookie_token(request) or _header_token(request)
+        register_secret(token)
+        ctr, port, ports = await self._resolve(target)
+        uuid = ctr["uuid"]
         public = (ports.get(str(port)) or {}).get("access") == "public"
 
         redirect_cookies: list[str] = []
@@ -318,7 +489,9 @@ class WebServices:
                 if url not in known:
                     raise WebError("container gateway is running but tunnel endpoint is "
                                    "invalid", 503)
-                return await self._forward(request, url, body)
+                if upgrade:
+                    return await self._forward_upgrade(request, url, body)
+                return await self.forwarder.forward(request, url, body)
             raise WebError("container is not reachable: its tunnel is down or it is not "
                            "running", 503)
         head = self._request_head(request, len(body), upgrade, uuid)
@@ -417,7 +590,9 @@ class WebServices:
         lines = [f"{request.method} {request.raw_path} HTTP/1.1", f"Host: {request.host}"]
         for name, value in request.headers.items():
             low = name.lower()
-            if low in HOP_BY_HOP and not (upgrade and low in ("connection", "upgrade")):
+            if upgrade and low == "connection":
+                value = "Upgrade"  # one request per stream; a "close" token is moot here
+            elif low in HOP_BY_HOP and not (upgrade and low == "upgrade"):
                 continue
             if low == "cookie":
                 jar = SimpleCookie()
@@ -434,27 +609,25 @@ class WebServices:
             lines.append(f"Content-Length: {body_len}")
         return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
-    async def _forward(self, request: web.Request, url: str, body: bytes) -> web.StreamResponse:
-        """C1 -> C2: the same request to the controller holding the tunnel, relayed raw."""
+    async def _forward_upgrade(self, request: web.Request, url: str, body: bytes
+                               ) -> web.StreamResponse:
+        """C1 -> C2 for an upgrade (websocket): the client connection is spliced to a new
+        connection to C2 for good; it carries this one marked request and the upgraded bytes."""
         from tunnel.broker import _client_ssl, _Hijacked, _Splice, hijack
 
         parts = urlsplit(url)
         host, port = parts.hostname or "", parts.port or 443
-        upgrade = "upgrade" in request.headers.get("Connection", "").lower()
         lines = [f"{request.method} {request.raw_path} HTTP/1.1", f"Host: {request.host}"]
         for name, value in request.headers.items():
             low = name.lower()
-            if low in ("host", "content-length", "transfer-encoding", "expect",
+            if low in ("host", "content-length", "transfer-encoding", "expect", "connection",
                        NO_FORWARD.lower()):
                 continue
-            if not upgrade and low in ("connection", "keep-alive"):
-                continue
             lines.append(f"{name}: {value}")
-        lines += [f"{NO_FORWARD}: 1", f"Content-Length: {len(body)}"]
-        if not upgrade:
-            # The client connection is spliced to C2 from here on: one request only, so a
-            # next one cannot reach C2 without the no-forward mark.
-            lines.append("Connection: close")
+        # "close": if C2 answers without switching protocols, it closes the connection, so no
+        # further request of this client can reach C2 without the no-forward mark.
+        lines += ["Connection: Upgrade, close", f"{NO_FORWARD}: 1",
+                  f"Content-Length: {len(body)}"]
         head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
         loop = asyncio.get_running_loop()
         upstream, client = _Splice(), _Splice()

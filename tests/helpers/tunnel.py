@@ -95,6 +95,7 @@ class FakeBackend:
     unreadable: dict[str, set[str]] = field(default_factory=dict)  # token -> uuids
     requests: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     updates: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    port_scans: int = 0  # calls of running_published_ports
 
     def add_container(self, uuid: str, owner: str = USER_UUID, **attrs: Any) -> dict[str, Any]:
         ctr = {"uuid": uuid, "state": "Running", "gateway_address": "",
@@ -134,6 +135,11 @@ class FakeBackend:
     async def requests_for(self, uuid: str) -> tuple[list[dict[str, Any]], int]:
         items = list(self.requests.get(uuid, []))
         return items, len(items)
+
+    async def running_published_ports(self) -> list[dict[str, Any]]:
+        self.port_scans += 1
+        return [{"uuid": u, "published_ports": c.get("published_ports") or {}}
+                for u, c in self.containers.items() if c.get("state") == "Running"]
 
     async def update_container(self, uuid: str, attrs: dict[str, Any]) -> None:
         self.updates.append((uuid, dict(attrs)))

@@ -6,12 +6,22 @@ from __future__ import annotations
 import base64
 import http.client
 import ssl
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 from aiohttp import WSMsgType, web
 
-from tests.helpers.tunnel import ADMIN_TOKEN, OTHER_TOKEN, USER_TOKEN, TunnelEnv, ctr_uuid
+from tests.helpers.tunnel import (
+    ADMIN_TOKEN,
+    OTHER_TOKEN,
+    TUNNEL_ROOT_TOKEN,
+    USER_TOKEN,
+    TunnelEnv,
+    ctr_uuid,
+)
+from tunnel.broker import Broker, BrokerConfig
 from tunnel.webservices import vhost_target
 
 
@@ -25,6 +35,14 @@ def test_vhost_target_matching() -> None:
     assert vhost_target(url, "containers.example.com") is None
     assert vhost_target("https://containers.example.com", "x.containers.example.com") is None
     assert vhost_target("https://*.c.example:9000", "A.C.EXAMPLE:9000") == "a"
+    # Port-range form: the configured host with a port inside [min, max].
+    ranged = "https://ws.example.com"
+    assert vhost_target(ranged, "WS.example.com:2000", 2000, 2001) == ":2000"
+    assert vhost_target(ranged, "ws.example.com:2001", 2000, 2001) == ":2001"
+    assert vhost_target(ranged, "ws.example.com:2002", 2000, 2001) is None
+    assert vhost_target(ranged, "ws.example.com", 2000, 2001) is None
+    assert vhost_target(ranged, "other.example.com:2000", 2000, 2001) is None
+    assert vhost_target(ranged, "ws.example.com:2000") is None  # no range configured
 
 
 @pytest.fixture
@@ -227,3 +245,125 @@ def test_keep_alive_several_requests_on_one_client_connection(
         c.close()
     finally:
         srv.close()
+
+
+def test_port_range_form_routes_by_external_port(web_env: tuple[TunnelEnv, str, int]) -> None:
+    """What nginx in front does: listen on the range and pass ``Host: host:port`` through."""
+    env, uuid, port = web_env
+    assert env.broker is not None
+    cfg = env.broker.config
+    cfg.web_services_url, cfg.web_port_min, cfg.web_port_max = "https://ws.localhost", 2000, 2001
+    env.backend.containers[uuid]["published_ports"] = {
+        str(port): {"access": "private", "label": "web", "initial_path": "",
+                    "external_port": 2000}}
+    bearer = {"Authorization": f"Bearer {USER_TOKEN}"}
+    status, hdrs, body = request(env, "ws.localhost:2000", "GET", "/hi?x=1", bearer)
+    assert status == 200, body
+    assert body.startswith(b"GET /hi?x=1 host=ws.localhost:2000 ")
+    assert f"arvados_container_uuid={uuid}" in hdrs["set-cookie"]
+    scans = env.backend.port_scans
+    assert request(env, "ws.localhost:2000", "GET", "/hi")[0] == 401  # private: token needed
+    assert request(env, "ws.localhost:2000", "GET", "/hi",
+                   {"Authorization": f"Bearer {OTHER_TOKEN}"})[0] == 403
+    assert env.backend.port_scans == scans  # known assignments are checked, not rescanned
+    status, _, body = request(env, "ws.localhost:2001", "GET", "/", bearer)
+    assert status == 410 and b"unassigned port" in body
+    # The container leaves Running and another one gets 2000: the cached assignment is
+    # re-checked against the records, so nothing reaches the old container.
+    env.backend.containers[uuid]["state"] = "Complete"
+    env.backend.add_container(ctr_uuid(52), published_ports={
+        "80": {"access": "public", "label": "w", "initial_path": "", "external_port": 2000}})
+    status, _, body = request(env, "ws.localhost:2000", "GET", "/", bearer)
+    assert status == 503 and b"tunnel is down" in body  # the new one has no tunnel here
+    del env.backend.containers[ctr_uuid(52)]
+    assert request(env, "ws.localhost:2000", "GET", "/", bearer)[0] == 410
+
+
+def start_second_broker(env: TunnelEnv) -> tuple[web.AppRunner, int]:
+    """C1: a broker on the same backend that does not hold the tunnel (env's broker is C2)."""
+    assert env.broker is not None
+    c2 = env.broker.config
+    cfg = BrokerConfig(system_root_token=TUNNEL_ROOT_TOKEN, internal_url="",
+                       ca_file=env.certs.ca_file, web_services_url=c2.web_services_url,
+                       controller_internal_urls=list(c2.controller_internal_urls))
+
+    async def start() -> tuple[web.AppRunner, int]:
+        broker = Broker(cfg, env.backend)
+        app = web.Application()
+        broker.setup(app)
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=2)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=env.certs.server_context())
+        await site.start()
+        return runner, site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+    return env.lt.run(start())
+
+
+def wait_for(predicate: Callable[[], bool], what: str, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def test_forwarded_requests_keep_the_client_connection(web_env: tuple[TunnelEnv, str, int],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """C1 -> C2: several requests over one client connection to C1, each reaching C2 with the
+    no-forward mark, over one pooled C1 -> C2 connection."""
+    env, uuid, port = web_env
+    assert env.broker is not None
+    wait_for(lambda: env.backend.containers[uuid]["gateway_address"].startswith("tunnel "),
+             "gateway_address")
+    seen: list[tuple[str | None, int]] = []
+    original = env.broker.webservices.middleware
+
+    async def spy(request: web.Request, handler: Any) -> web.StreamResponse:
+        if request.host.endswith(f".containers.localhost:{env.port}"):
+            peer = request.transport.get_extra_info("peername") if request.transport else None
+            seen.append((request.headers.get("X-Arvados-No-Forward"), peer[1] if peer else 0))
+        return await original(request, handler)
+
+    monkeypatch.setattr(env.broker.webservices, "middleware", spy)
+    runner, c1_port = start_second_broker(env)
+    try:
+        ctx = ssl.create_default_context(cafile=env.certs.ca_file)
+        c = http.client.HTTPSConnection("127.0.0.1", c1_port, context=ctx, timeout=20)
+        host = f"{uuid}-{port}.containers.localhost:{env.port}"
+        auth = {"Host": host, "Cookie": cookie_for(USER_TOKEN) + "; app=1"}
+        answers = []
+        for method, path, body in [("GET", "/fwd/1?q=a%20b", None), ("POST", "/fwd/2", b"data"),
+                                   ("HEAD", "/fwd/3", None), ("GET", "/chunked", None),
+                                   ("GET", "/fwd/5", None)]:
+            c.request(method, path, body=body, headers=auth)
+            r = c.getresponse()
+            answers.append((r.status, r.read(), r.getheader("Set-Cookie")))
+            if len(answers) == 1:
+                sock = c.sock
+        assert c.sock is sock  # the client kept one connection to C1 for all five
+        c.close()
+        assert [a[0] for a in answers] == [200] * 5, answers
+        assert answers[0][1].startswith(f"GET /fwd/1?q=a%20b host={host} cookie=app=1 ".encode())
+        assert b"body=data" in answers[1][1] and answers[2][1] == b""
+        assert answers[3][1] == b"".join(f"part{i};".encode() * 1000 for i in range(5))
+        assert answers[4][2] == f"arvados_container_uuid={uuid}"
+        assert [mark for mark, _ in seen] == ["1"] * 5  # C2 saw the mark on every request
+        assert len({peer for _, peer in seen}) == 1  # ... over one pooled C1 -> C2 connection
+        # A client cannot make C1 skip the forward (and C2 would never forward again anyway).
+        status, _, _ = request_to(env, c1_port, host, {"X-Arvados-No-Forward": "1",
+                                                       "Cookie": cookie_for(USER_TOKEN)})
+        assert status == 503 and len(seen) == 5
+    finally:
+        env.lt.run(runner.cleanup())
+
+
+def request_to(env: TunnelEnv, port: int, host: str, headers: dict[str, str]
+               ) -> tuple[int, dict[str, str], bytes]:
+    ctx = ssl.create_default_context(cafile=env.certs.ca_file)
+    c = http.client.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=20)
+    try:
+        c.request("GET", "/fwd/x", headers={"Host": host, **headers})
+        r = c.getresponse()
+        return r.status, dict(r.getheaders()), r.read()
+    finally:
+        c.close()
