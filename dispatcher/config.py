@@ -821,6 +821,13 @@ def _validate(cfg: ClusterConfig, path: str) -> None:
             f"{c.cloud_vms.supervisor_fraction} must be between 0 and 1"
         )
     ws = cfg.services.container_web_services
+    for name, value in (("ExternalPortMin", ws.external_port_min),
+                        ("ExternalPortMax", ws.external_port_max)):
+        if not 0 <= value <= 65535:
+            raise ConfigError(
+                f"{path}.Services.ContainerWebServices.{name}: {value} is not a port number "
+                "(0 to 65535; 0 turns the port-range form off)"
+            )
     if ws.external_port_max and ws.external_port_min > ws.external_port_max:
         raise ConfigError(
             f"{path}.Services.ContainerWebServices: ExternalPortMin {ws.external_port_min} is "

@@ -69,6 +69,9 @@ class ServiceState:
 
 
 STATE_KEY = web.AppKey("crunchgate_service_state", ServiceState)
+# More ports run_service listens on (same address, same TLS), with the config key path that
+# asked for them (for the error message): the port-range form of container web services.
+EXTRA_PORTS_KEY = web.AppKey("crunchgate_extra_ports", tuple)
 # aiohttp >= 3.12 wants typed request keys; older releases take a plain string.
 REQUEST_ID_KEY: Any = (
     web.RequestKey("crunchgate_request_id", str) if hasattr(web, "RequestKey")
@@ -364,6 +367,16 @@ async def run_service(
             raise ServiceError(
                 f"cannot listen on {bind_host or '*'}:{bind_port}: {exc.strerror or exc}"
             ) from None
+        extra_ports, why = app.get(EXTRA_PORTS_KEY) or ((), "")
+        for extra in extra_ports:
+            try:
+                await web.TCPSite(runner, bind_host or None, extra,
+                                  ssl_context=ssl_context).start()
+            except OSError as exc:
+                raise ServiceError(
+                    f"cannot listen on {bind_host or '*'}:{extra} ({why}): "
+                    f"{exc.strerror or exc}"
+                ) from None
         state.addresses = _sockets_of(runner)
         log.info(
             "listening",

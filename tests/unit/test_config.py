@@ -707,3 +707,17 @@ def test_load_config_yaml_anchors_and_merges(tmp_path: Path) -> None:
     )
     types = load_config(p).instance_types
     assert (types["big"].vcpus, types["big"].ram) == (8, 4 * GiB)
+
+
+def test_container_web_services_port_range() -> None:
+    ws = cluster({}).services.container_web_services
+    assert (ws.external_url, ws.external_port_min, ws.external_port_max) == ("", 0, 0)
+    got = cluster({"Services": {"ContainerWebServices": {
+        "ExternalURL": "https://ws.example", "ExternalPortMin": 2000,
+        "ExternalPortMax": 2099}}}).services.container_web_services
+    assert (got.external_port_min, got.external_port_max) == (2000, 2099)
+    assert "ExternalPortMax: 70000 is not a port number" in error_of(
+        {"Services": {"ContainerWebServices": {"ExternalPortMax": 70000}}})
+    assert "ExternalPortMin 3000 is above ExternalPortMax 2000" in error_of(
+        {"Services": {"ContainerWebServices": {"ExternalPortMin": 3000,
+                                               "ExternalPortMax": 2000}}})

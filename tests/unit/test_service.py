@@ -259,6 +259,39 @@ def test_run_service_port_in_use_is_clear_error() -> None:
             asyncio.run(run_service(app, "127.0.0.1", port, stop=asyncio.Event()))
 
 
+def test_run_service_extra_port_in_use_names_the_config_keys() -> None:
+    from dispatcher.service import EXTRA_PORTS_KEY
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        app = create_service_app(management_token=TOKEN)
+        app[EXTRA_PORTS_KEY] = ((port,), "Services.ContainerWebServices.ExternalPortMin/Max")
+        with pytest.raises(ServiceError, match=f"127.0.0.1:{port} "
+                                               r"\(Services.ContainerWebServices"):
+            asyncio.run(run_service(app, "127.0.0.1", 0, stop=asyncio.Event()))
+
+
+def test_controller_serves_the_port_range_only_when_it_terminates_tls() -> None:
+    from dispatcher.arvados.controller.app import web_service_ports
+
+    def cfg(controller_url: str, external_url: str, low: int, high: int) -> ClusterConfig:
+        return parse_config({"Clusters": {"zzzzz": {"Services": {
+            "Controller": {"InternalURLs": {controller_url: {}}},
+            "ContainerWebServices": {"ExternalURL": external_url, "ExternalPortMin": low,
+                                     "ExternalPortMax": high}}}}})
+
+    assert web_service_ports(cfg("https://127.0.0.1:9000", "https://ws.example", 2000, 2002)
+                             ) == (2000, 2001, 2002)
+    # Behind nginx (plain http internally) nginx listens on the range, as in Arvados.
+    assert web_service_ports(cfg("http://127.0.0.1:9000", "https://ws.example", 2000, 2002)
+                             ) == ()
+    assert web_service_ports(cfg("https://127.0.0.1:9000", "https://*.ws.example", 2000, 2002)
+                             ) == ()
+    assert web_service_ports(cfg("https://127.0.0.1:9000", "https://ws.example", 0, 0)) == ()
+
+
 SIGTERM_SCRIPT = r"""
 import asyncio, sys
 from dispatcher.service import bound_addresses, create_service_app, run_service

@@ -23,6 +23,7 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Histogram
@@ -533,6 +534,28 @@ def add_container_listener(app: web.Application, callback: ContainerCallback) ->
     app[LISTENERS_KEY].append(callback)
 
 
+def web_service_ports(cfg: Any) -> tuple[int, ...]:
+    """The external ports this controller listens on itself: the port-range form of
+    ``Services.ContainerWebServices`` when the controller terminates TLS (an ``https://``
+    InternalURL). Behind nginx (``http://`` InternalURL) nginx listens on them and passes the
+    original ``Host`` through, as in Arvados; see docs/tunnel.md."""
+    from dispatcher.config import ConfigError, listen_url
+
+    ws = getattr(getattr(cfg, "services", None), "container_web_services", None)
+    if ws is None or not ws.external_url or ws.external_port_min <= 0:
+        return ()
+    host = urlsplit(ws.external_url).hostname or ""
+    if host.startswith("*") or ws.external_port_max < ws.external_port_min:
+        return ()
+    try:
+        scheme = urlsplit(listen_url(cfg, "Controller")).scheme
+    except ConfigError:
+        return ()
+    if scheme != "https":
+        return ()
+    return tuple(range(ws.external_port_min, ws.external_port_max + 1))
+
+
 def build_app(
     cfg: Any,
     store: Store,
@@ -544,7 +567,7 @@ def build_app(
     """The controller application: API routes, discovery, health, metrics, then each
     ``extra_setup(app)`` (which may add routes, middlewares, startup hooks)."""
     from dispatcher.metrics import new_registry
-    from dispatcher.service import create_service_app, set_health_check
+    from dispatcher.service import EXTRA_PORTS_KEY, create_service_app, set_health_check
 
     registry = registry if registry is not None else new_registry()
     max_size = getattr(getattr(cfg, "api", None), "max_request_size", 134217728)
@@ -582,6 +605,11 @@ def build_app(
         return None
 
     set_health_check(app, _health)
+    ports = web_service_ports(cfg)
+    if ports:
+        app[EXTRA_PORTS_KEY] = (ports, "Services.ContainerWebServices.ExternalPortMin/Max: "
+                                       "the controller serves them itself because it serves "
+                                       "TLS; behind a TLS proxy give it an http:// InternalURL")
     for setup in extra_setup:
         setup(app)
     return app
