@@ -367,3 +367,28 @@ def request_to(env: TunnelEnv, port: int, host: str, headers: dict[str, str]
         return r.status, dict(r.getheaders()), r.read()
     finally:
         c.close()
+
+
+def test_websocket_forwarded_to_the_controller_holding_the_tunnel(
+        web_env: tuple[TunnelEnv, str, int]) -> None:
+    """An upgrade through C1 is spliced to C2 (marked), then to the container."""
+    import socket
+
+    from websockets.sync.client import connect
+
+    env, uuid, port = web_env
+    wait_for(lambda: env.backend.containers[uuid]["gateway_address"].startswith("tunnel "),
+             "gateway_address")
+    runner, c1_port = start_second_broker(env)
+    try:
+        host = f"{uuid}-{port}.containers.localhost:{env.port}"
+        ctx = ssl.create_default_context(cafile=env.certs.ca_file)
+        sock = socket.create_connection(("127.0.0.1", c1_port), timeout=10)
+        with connect(f"wss://{host}/ws", sock=sock, ssl=ctx, server_hostname="127.0.0.1",
+                     compression=None, open_timeout=10,
+                     additional_headers={"Authorization": f"Bearer {USER_TOKEN}"}) as ws:
+            for i in range(3):
+                ws.send(f"via c1 {i}")
+                assert ws.recv(timeout=10) == f"echo:via c1 {i}"
+    finally:
+        env.lt.run(runner.cleanup())
