@@ -99,6 +99,11 @@ class Backend(abc.ABC):
         reference 3.7) for the jobs in ``jobs``. Called once per poll. Default: nothing."""
         return None
 
+    async def describe_vanished(self, ctr_uuid: str) -> str:
+        """How the job of ``ctr_uuid`` ended, once the scheduler no longer lists it (e.g. from
+        the scheduler's accounting); "" when unknown. Default: unknown."""
+        return ""
+
     def scheduling_status(self, job: Job) -> str:
         """Why a pending job is waiting, for ``runtime_status.scheduling_status``."""
         return job.reason

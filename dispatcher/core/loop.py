@@ -777,13 +777,16 @@ class Dispatcher:
             log.warning("error setting runtime_status on %s: %s", tr.uuid, _err(exc), extra=ctx)
         await self._set_state(tr, "Cancelled")
 
-    async def _set_state(self, tr: Tracked, state: str, error: str = "") -> bool:
-        """Change the state; with ``error``, also set ``runtime_status.error`` in the same
-        update (allowed when leaving Running), falling back to the state alone if refused."""
+    async def _set_state(self, tr: Tracked, state: str, error: str = "", detail: str = "") -> bool:
+        """Change the state; with ``error`` (and ``detail``), also set ``runtime_status.error``
+        (and ``errorDetail``) in the same update (allowed when leaving Running), falling back
+        to the state alone if refused."""
         try:
             async with self._api_sem:
                 if error:
                     status = {**(tr.record.get("runtime_status") or {}), "error": error}
+                    if detail:
+                        status["errorDetail"] = detail
                     try:
                         await self.client.update("containers", tr.uuid,
                                                  {"state": state, "runtime_status": status})
@@ -852,8 +855,15 @@ class Dispatcher:
         if rec.get("state") == "Running":
             why = (f"the {self.backend.name} job running this container ended without "
                    "crunch-run finishing it (killed, or its node failed)")
-            if await self._set_state(tr, "Cancelled", error=why):
-                await self._write_log_record(tr.uuid, f"container {tr.uuid}: {why}; cancelled it")
+            try:
+                detail = await asyncio.wait_for(self.backend.describe_vanished(tr.uuid), 60)
+            except Exception as exc:  # the reason is a bonus: never let it block the cancel
+                log.info("could not tell how the job of %s ended: %s", tr.uuid, _err(exc),
+                         extra=ctx)
+                detail = ""
+            if await self._set_state(tr, "Cancelled", error=why, detail=detail):
+                text = f"container {tr.uuid}: {why}; cancelled it"
+                await self._write_log_record(tr.uuid, f"{text}\n{detail}" if detail else text)
         elif rec.get("state") == "Locked":
             await self._unlock(tr, "its job left the queue before crunch-run started it")
 

@@ -56,6 +56,8 @@ RENICE_PASS_MIN_S = 60.0
 #: runtime_status.scheduling_status is written once a job has been listed pending this many
 #: polls after the first listing that showed it (2 = pending for two poll intervals).
 STATUS_AFTER_LISTINGS = 2
+#: After sacct said the cluster keeps no accounting: do not ask again for this long.
+SACCT_RETRY_S = 3600.0
 
 JobEndedHook = Callable[[str, str, parse.SqueueRow], Awaitable[None]]
 
@@ -93,6 +95,7 @@ class SlurmBackend(Backend):
         self._pending_since: dict[str, int] = {}  # job id -> first listing that showed it pending
         # Names whose sbatch got no answer: look them up before submitting again.
         self._maybe_submitted: set[str] = set()
+        self._sacct_off_until = 0.0  # monotonic time before which sacct is not asked
         reg = self.cli.metrics.registry
         self._jobs_gauge = Gauge(
             "crunchgate_slurm_jobs", "Jobs in the last squeue, by Slurm state",
@@ -249,6 +252,30 @@ class SlurmBackend(Backend):
             return
         assert last is not None
         raise SubmitFailed(f"sbatch failed: {last}")
+
+    async def describe_vanished(self, ctr_uuid: str) -> str:
+        """How the newest job of ``ctr_uuid`` ended, from ``sacct``, once squeue has forgotten
+        it (it ended more than MinJobAge ago, e.g. while the dispatcher was down).
+
+        "" where the site has no accounting storage (then sacct is not asked again for
+        :data:`SACCT_RETRY_S`), when sacct fails or knows no ended job by that name.
+        """
+        if not self._uuid_re.match(ctr_uuid) or time.monotonic() < self._sacct_off_until:
+            return ""
+        ctx = {"container_uuid": ctr_uuid}
+        try:
+            row = parse.parse_sacct(await self.cli.sacct(ctr_uuid), ctr_uuid)
+        except SlurmCommandError as exc:
+            if "accounting storage is disabled" in exc.message.lower():
+                self._sacct_off_until = time.monotonic() + SACCT_RETRY_S
+                log.info("sacct: no accounting storage on this cluster; how vanished jobs "
+                         "ended stays unknown", extra=ctx)
+            else:
+                log.warning("sacct failed: %s", exc, extra=ctx)
+            return ""
+        if row is None or not row.ended:
+            return ""
+        return parse.end_description(row)
 
     async def _exists(self, name: str) -> bool:
         """Is there a live job named ``name``? "Cannot tell" raises (never resubmit blind).

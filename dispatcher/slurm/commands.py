@@ -8,6 +8,9 @@ concurrency). Two runners, so that a burst of submissions cannot starve the poll
   slots a burst of submissions needs;
 * *queries* (squeue, sinfo, sacct): at most 2.
 
+sacct only runs for a container whose job vanished from squeue before we saw how it ended
+(:meth:`dispatcher.slurm.backend.SlurmBackend.describe_vanished`).
+
 Failures become :class:`SlurmCommandError` with a ``kind``:
 
 ``controller``  slurmctld is overloaded or unreachable ("Socket timed out", "Slurm temporarily
@@ -365,6 +368,17 @@ class SlurmCLI:
         target = f"JobId={job_id}" if job_id else f"JobName={name}"
         await self._run(self.renice_runner, ["scontrol", "update", target, f"Nice={nice}"])
         self._ok()
+
+    async def sacct(self, name: str) -> str:
+        """The accounting records of the jobs named ``name`` (last 30 days, allocations only).
+        Fails (kind ``other``) where the site has no accounting storage."""
+        res = await self._run(
+            self.query_runner,
+            ["sacct", "--noheader", "--parsable2", "--allocations", f"--name={name}",
+             "--starttime=now-30days", f"--format={parse.SACCT_FORMAT}"],
+        )
+        self._ok()
+        return res.stdout
 
     async def sinfo(self, args: Sequence[str]) -> str:
         res = await self._run(self.query_runner, ["sinfo", *args])

@@ -271,6 +271,29 @@ def scheduling_status(reason: str, partition: str) -> str:
     return f"waiting in partition {p}: {reason}"
 
 
+#: ``sacct --parsable2`` fields read by :func:`parse_sacct`, in this order.
+SACCT_FORMAT = "JobIDRaw,State,ExitCode,Reason"
+
+
+def parse_sacct(text: str, name: str) -> SqueueRow | None:
+    """The newest job in ``sacct --noheader --parsable2 --allocations --format=SACCT_FORMAT``
+    output, as a row :func:`end_description` can describe; ``None`` if there is none.
+
+    sacct writes "CANCELLED by <uid>" for a cancelled job: the state is its first word.
+    """
+    best: SqueueRow | None = None
+    for line in text.splitlines():
+        parts = line.strip().split("|")
+        if len(parts) < 3 or not parts[0] or not parts[1]:
+            continue
+        job_id, state = parts[0], parts[1].split()[0]
+        reason = parts[3].strip() if len(parts) > 3 else ""
+        row = SqueueRow(job_id, 0, 0, _SHORT_STATES.get(state, state), "", name, reason)
+        if best is None or _job_id_key(job_id) > _job_id_key(best.job_id):
+            best = row
+    return best
+
+
 def end_description(row: SqueueRow) -> str:
     """How a job that Slurm still lists as ended finished, in words for ``runtime_status``."""
     what = {

@@ -227,6 +227,14 @@ class FakeBackend(Backend):
         self.cancel_error: BaseException | None = None
         self.cancel_keeps_job = False
         self.on_submit: Any = None  # callable(ctr) run after a successful submit
+        # describe_vanished(): the text, or an exception to raise
+        self.vanished: dict[str, str | BaseException] = {}
+
+    async def describe_vanished(self, ctr_uuid: str) -> str:
+        found = self.vanished.get(ctr_uuid, "")
+        if isinstance(found, BaseException):
+            raise found
+        return found
 
     async def list_jobs(self) -> dict[str, Job]:
         if self.list_error is not None:

@@ -130,3 +130,29 @@ def test_running_container_whose_job_vanished_is_cancelled_with_reason(local_ctl
     rec = scenario(local_ctl, body)
     assert rec["state"] == "Cancelled"
     assert "ended without crunch-run finishing it" in rec["runtime_status"]["error"]
+
+
+@pytest.mark.parametrize("known", [True, False])
+def test_vanished_job_gets_the_schedulers_account_of_its_end(local_ctl, known):
+    """What the scheduler's accounting says (sacct) lands in errorDetail; a failure to ask
+    it does not hold up the cancel."""
+    text = "Slurm job 7 ended: its node failed (NODE_FAIL)"
+
+    async def body(client, d, be, clock):
+        _, uuid = await new_container(client)
+        await poll(d)
+        await client.update("containers", uuid, {"state": "Running"})
+        await poll(d)
+        be.jobs.clear()
+        be.vanished[uuid] = text if known else OSError("sacct exploded")
+        await poll(d)
+        logs = await client.list("logs", filters=[["object_uuid", "=", uuid]])
+        return await client.get("containers", uuid), logs["items"]
+    rec, logs = scenario(local_ctl, body)
+    assert rec["state"] == "Cancelled"
+    assert "ended without crunch-run finishing it" in rec["runtime_status"]["error"]
+    if known:
+        assert rec["runtime_status"]["errorDetail"] == text
+        assert any(text in (e["properties"] or {}).get("text", "") for e in logs)
+    else:
+        assert "errorDetail" not in rec["runtime_status"]

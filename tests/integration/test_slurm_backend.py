@@ -7,6 +7,7 @@ import asyncio
 import hashlib
 import hmac
 import json
+import os
 import stat
 from collections.abc import Coroutine
 from pathlib import Path
@@ -332,3 +333,43 @@ def test_job_end_is_reported(slurm: SlurmCluster, tmp_path: Path) -> None:
     assert len(reports) == 1 and reports[0][0] == u
     assert "ended: it was cancelled (CANCELLED" in reports[0][1]
     json.dumps(reports)
+
+
+FAKE_SACCT = """#!/bin/sh
+# stand-in for sacct on a cluster that keeps accounting: record argv, print two jobs by name
+printf '%s\\n' "$@" > {argv}
+printf '30|COMPLETED|0:0|None\\n31|OUT_OF_MEMORY|0:125|None\\n'
+"""
+
+
+def test_vanished_job_is_described_by_sacct_where_accounting_exists(
+    slurm: SlurmCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "sacct"
+    fake.write_text(FAKE_SACCT.format(argv=tmp_path / "sacct.argv"))
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    backend = SlurmBackend(make_cfg(tmp_path))
+    text = run(backend.describe_vanished(uuid(50)))
+    assert text == "Slurm job 31 ended: it ran out of memory (OUT_OF_MEMORY)"
+    argv = (tmp_path / "sacct.argv").read_text().split("\n")
+    assert f"--name={uuid(50)}" in argv and "--parsable2" in argv
+    # a malformed UUID never reaches the command line
+    assert run(backend.describe_vanished("--format=%x")) == ""
+
+
+def test_vanished_job_without_accounting_is_unknown_and_sacct_not_asked_again(
+    slurm: SlurmCluster, tmp_path: Path
+) -> None:
+    """The dev cluster keeps no accounting (as many sites): the real sacct says so."""
+    backend = SlurmBackend(make_cfg(tmp_path))
+
+    async def go() -> tuple[str, str]:
+        return (await backend.describe_vanished(uuid(51)),
+                await backend.describe_vanished(uuid(52)))
+
+    assert run(go()) == ("", "")
+    counted = backend.cli.metrics.commands.labels("sacct")._value.get()
+    assert counted == 1

@@ -198,3 +198,38 @@ def test_end_description() -> None:
     row = parse.SqueueRow("8", 0, 1, "TIMEOUT", "big", "n", "TimeLimit")
     assert "reached its time limit (TIMEOUT, reason TimeLimit)" in parse.end_description(row)
     assert "OUT_OF_MEMORY" in parse.BAD_END_STATES and "COMPLETED" not in parse.BAD_END_STATES
+
+
+# --- sacct -------------------------------------------------------------------------------------
+
+SACCT_NAME = "zzzzz-dz642-0123456789abcde"
+
+
+def test_parse_sacct_takes_the_newest_job_and_its_end() -> None:
+    text = ("17|CANCELLED by 0|0:15|None\n"
+            "garbage without fields\n"
+            "\n"
+            "9|COMPLETED|0:0|None\n"
+            "23|NODE_FAIL|0:0|None\n")
+    row = parse.parse_sacct(text, SACCT_NAME)
+    assert row is not None and row.job_id == "23" and row.state == "NODE_FAIL" and row.ended
+    assert parse.end_description(row) == "Slurm job 23 ended: its node failed (NODE_FAIL)"
+
+
+def test_parse_sacct_cancelled_by_uid_and_reasons() -> None:
+    row = parse.parse_sacct("41|CANCELLED by 1000|0:15|Prolog\n", SACCT_NAME)
+    assert row is not None and row.state == "CANCELLED"
+    assert parse.end_description(row) == \
+        "Slurm job 41 ended: it was cancelled (CANCELLED, reason Prolog)"
+
+
+def test_parse_sacct_nothing_known() -> None:
+    assert parse.parse_sacct("", SACCT_NAME) is None
+    assert parse.parse_sacct("|||\n", SACCT_NAME) is None
+    row = parse.parse_sacct("5|RUNNING|0:0|None\n", SACCT_NAME)
+    assert row is not None and not row.ended
+
+
+@given(st.text())
+def test_parse_sacct_never_raises(text: str) -> None:
+    parse.parse_sacct(text, SACCT_NAME)
