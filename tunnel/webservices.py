@@ -57,7 +57,7 @@ from tunnel.connection import StreamError, TunnelStream
 from tunnel.errors import TunnelError
 
 if TYPE_CHECKING:
-    from tunnel.broker import Broker
+    from tunnel.broker import Backend, Broker
 
 log = logging.getLogger("crunchgate.tunnel.webservices")
 
@@ -242,7 +242,7 @@ class ExternalPorts:
     Concurrent misses share one scan.
     """
 
-    def __init__(self, backend: Any) -> None:
+    def __init__(self, backend: Backend) -> None:
         self.backend = backend
         self._map: dict[int, tuple[str, int]] = {}
         self._scan: asyncio.Task[None] | None = None
@@ -284,13 +284,6 @@ class ExternalPorts:
         self._map = fresh
 
 
-# Request headers not copied to the controller holding the tunnel: they describe the client
-# connection (aiohttp frames the forwarded request itself), or are the mark we set ourselves.
-FORWARD_SKIP = frozenset({"connection", "keep-alive", "proxy-connection", "te", "trailer",
-                          "transfer-encoding", "content-length", "host", "upgrade", "expect",
-                          NO_FORWARD.lower()})
-
-
 class Forwarder:
     """C1 -> C2 for ordinary requests: one pooled keep-alive session per controller URL.
 
@@ -301,7 +294,7 @@ class Forwarder:
     """
 
     CONNECT_TIMEOUT_S = 30.0
-    HEAD_TIMEOUT_S = 60.0
+    RESPONSE_HEAD_TIMEOUT_S = 60.0
 
     def __init__(self, insecure: bool, ca_file: str | None) -> None:
         self.insecure = insecure
@@ -331,14 +324,15 @@ class Forwarder:
     async def forward(self, request: web.Request, url: str, body: bytes) -> web.StreamResponse:
         headers: CIMultiDict[str] = CIMultiDict()
         for name, value in request.headers.items():
-            if name.lower() not in FORWARD_SKIP:
+            # HOP_BY_HOP: aiohttp frames the forwarded request itself, and the mark is ours.
+            if name.lower() not in HOP_BY_HOP:
                 headers.add(name, value)
         headers["Host"] = request.host
         headers[NO_FORWARD] = "1"
         send_body = body if body or request.method in ("POST", "PUT", "PATCH") else None
         target = URL(url.rstrip("/") + request.raw_path, encoded=True)
         try:
-            async with asyncio.timeout(self.HEAD_TIMEOUT_S):
+            async with asyncio.timeout(self.RESPONSE_HEAD_TIMEOUT_S):
                 upstream = await self._session(url).request(
                     request.method, target, headers=headers, data=send_body,
                     allow_redirects=False)
