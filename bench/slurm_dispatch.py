@@ -198,9 +198,16 @@ def burst(work: Path, n: int, poll: str, conc: int
             raise SystemExit(f"xargs sbatch failed: {err.decode()[-500:]}")
         cancel_all()
 
+        assert site.ctl.pid is not None
+        ctl_cpu0, _ = cpu_rss(site.ctl.pid)
         t0 = time.monotonic()
         site.disp.start()
         first, last = wait_all_in_squeue(set(uuids), 600)
+        assert site.disp.proc is not None
+        disp_cpu, _ = cpu_rss(site.disp.proc.pid)
+        ctl_cpu = cpu_rss(site.ctl.pid)[0] - ctl_cpu0
+        print(f"    CPU while ours ran: dispatcher {disp_cpu:.2f}s (incl. startup), "
+              f"controller {ctl_cpu:.2f}s", flush=True)
         return plain, (first - t0, last - t0)
     finally:
         site.close()
