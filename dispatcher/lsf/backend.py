@@ -78,6 +78,9 @@ class LsfBackend(Backend):
         url = controller_url if controller_url is not None else config_controller_url(cfg)
         self.bsub_env = bsubargs.bsub_environment(cfg, url)
 
+    async def close(self) -> None:
+        self.cli.close()
+
     async def start(self) -> None:
         """Probe bjobs once, so that a missing LSF client or an LSF without ``-o``/``-json``
         support is reported loudly at startup rather than as a poll warning (field lesson 29).

@@ -39,6 +39,7 @@ from dispatcher.proc import (
     CommandResult,
     CommandRunner,
     CommandTimeout,
+    ThreadedCommandRunner,
 )
 
 log = get_logger("lsf.commands")
@@ -108,15 +109,20 @@ class LsfCLI:
     ) -> None:
         self.sudo_user = sudo_user
         self.timeout_s = timeout_s
-        self.submit_runner = CommandRunner(
+        self.submit_runner = ThreadedCommandRunner(
             max_concurrency=max(1, submit_concurrency), default_timeout_s=timeout_s,
-            env=env, redact=redact,
+            env=env, redact=redact, name="lsf-submit",
         )
-        self.query_runner = CommandRunner(
+        self.query_runner = ThreadedCommandRunner(
             max_concurrency=max(1, query_concurrency), default_timeout_s=timeout_s,
-            env=env, redact=redact,
+            env=env, redact=redact, name="lsf-query",
         )
         self.metrics = LsfMetrics(registry)
+
+    def close(self) -> None:
+        """Stop the runners' worker threads once their current command is done."""
+        self.submit_runner.close()
+        self.query_runner.close()
 
     async def _run(
         self,
