@@ -18,6 +18,7 @@ import logging
 import os
 import random
 import resource
+import signal
 import statistics
 import sys
 import time
@@ -158,4 +159,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    # SIGTERM (a timeout, kill) unwinds like Ctrl-C: the finally blocks stop what was started.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     sys.exit(main())

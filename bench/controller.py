@@ -21,6 +21,7 @@ import argparse
 import http.client
 import json
 import random
+import signal
 import statistics
 import sys
 import tempfile
@@ -191,4 +192,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    # SIGTERM (a timeout, kill) unwinds like Ctrl-C: the finally blocks stop what was started.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     sys.exit(main())

@@ -28,6 +28,7 @@ import asyncio
 import os
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -343,4 +344,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    # SIGTERM (a timeout, kill) unwinds like Ctrl-C: the finally blocks stop what was started.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     sys.exit(main())

@@ -627,4 +627,6 @@ def main() -> int:
     return 0
 
 if __name__ == "__main__":
+    # SIGTERM (a timeout, kill) unwinds like Ctrl-C: the finally blocks stop what was started.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     sys.exit(main())
