@@ -1,8 +1,9 @@
 """The event loop every crunchgate service runs on.
 
 uvloop (the ``fast`` extra, installed by ``dev/setup``) when it is there, else stock asyncio.
-It halves the per-message cost of the tunnel ends (docs/tunnel.md) and cuts the dispatchers'
-cost per API call (TLS and HTTP to the controller; docs/slurm.md); everything works on either.
+It cuts the per-message cost of the tunnel ends (round trips 1.9x -> 1.6x OpenSSH's,
+docs/tunnel.md) and the dispatchers' cost per API call (TLS and HTTP to the controller,
+docs/slurm.md); everything works on either.
 """
 
 from __future__ import annotations
