@@ -2,7 +2,8 @@
 
 :class:`Agent` dials the broker over TLS, upgrades to the tunnel protocol, and serves the
 streams the broker opens: ``ssh.gateway:22`` lands on the gateway's SSH server (through a
-``socketpair``, never a listening port), ``container:<port>`` on that port of the container.
+``socketpair``, never a listening port), ``log.gateway:80`` likewise on the live-log WebDAV
+server (one HTTP/1.1 request per stream), ``container:<port>`` on that port of the container.
 
 Reconnecting (improving on the reference's fixed 5 s sleep, reference 4.4 and 9):
 
@@ -34,6 +35,7 @@ from tunnel.errors import TunnelError
 from tunnel.gateway import ContextLike, Gateway
 from tunnel.protocol import (
     INTERNAL_URL_HEADER,
+    LOG_TARGET,
     PORT_TARGET_HOST,
     SSH_TARGET,
     UPGRADE_TOKEN,
@@ -264,6 +266,15 @@ async def serve_gateway_stream(gateway: Gateway, target_ip: str, conn: TunnelCon
             conn.accept(st)
             pipe.activate()
             await gateway.serve_socket(theirs)
+        elif st.target == LOG_TARGET:
+            if gateway.logs is None:
+                conn.refuse(st, 404, "no live log filesystem (crunch-run keeps no local logs)")
+                return
+            ours, theirs = socket.socketpair()
+            _, pipe = await loop.create_connection(lambda: LocalPipe(st, defer=True), sock=ours)
+            conn.accept(st)
+            pipe.activate()
+            await gateway.logs.serve_socket(theirs)
         elif host == PORT_TARGET_HOST and port_text.isdigit() and 0 < int(port_text) < 65536:
             port = int(port_text)
             try:

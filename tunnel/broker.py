@@ -15,6 +15,8 @@ Mounted into an aiohttp application (the embedded controller's, through
   ``Services.Controller.InternalURLs``, the call is forwarded there once with ``no_forward=true``
   and the user's own token (the receiver checks everything again and will not forward).
 * ``GET .../ssh`` answers 410 (obsolete client), as the reference.
+* ``GET|HEAD|OPTIONS|PROPFIND /arvados/v1/container_requests/{uuid}/log{path}``: container logs
+  as WebDAV, live from crunch-run's gateway while the container runs (:mod:`.containerlogs`).
 
 Limits: ``API.MaxGatewayTunnels`` counts tunnels and shell connections together, as the
 reference's tunnel queue does (no queue: over the limit is an immediate 503); each tunnel takes
@@ -45,6 +47,7 @@ from dispatcher.arvados.client import ArvadosClient
 from dispatcher.arvados.errors import ApiError, ArvadosError, Forbidden, NotFound
 from dispatcher.logs import register_secret
 from tunnel.connection import LocalPipe, StreamError, TunnelConnection, tune_socket
+from tunnel.containerlogs import ContainerLogs
 from tunnel.errors import TunnelError
 from tunnel.protocol import (
     INTERNAL_URL_HEADER,
@@ -63,6 +66,9 @@ log = logging.getLogger("crunchgate.tunnel.broker")
 UUID_RE = re.compile(r"^[a-z0-9]{5}-[a-z0-9]{5}-[a-z0-9]{15}$")
 FALSE_WORDS = frozenset({"", "false", "0"})
 BROKER_KEY: web.AppKey[Broker] = web.AppKey("crunchgate_broker")
+# Event types of log records that are files of a container's log (``<event type>.txt``).
+LOG_EVENT_TYPES = ("crunch-run", "stderr", "stdout", "crunchstat", "arv-mount", "node",
+                   "hoststat")
 
 
 class BrokerError(TunnelError):
@@ -87,6 +93,8 @@ class Backend(Protocol):
     """The API calls the broker makes; :class:`ApiBackend` is the real one."""
 
     async def container_as_user(self, token: str, uuid: str) -> dict[str, Any]: ...
+    async def container_request_as_user(self, token: str, uuid: str) -> dict[str, Any]: ...
+    async def container_logs(self, uuid: str) -> list[dict[str, Any]]: ...
     async def current_user(self, token: str) -> dict[str, Any]: ...
     async def container(self, uuid: str) -> dict[str, Any]: ...
     async def container_request(self, uuid: str) -> dict[str, Any]: ...
@@ -114,6 +122,19 @@ class ApiBackend:
     async def container_as_user(self, token: str, uuid: str) -> dict[str, Any]:
         async with self._user_client(token) as c:
             return await c.get("containers", uuid)
+
+    async def container_request_as_user(self, token: str, uuid: str) -> dict[str, Any]:
+        async with self._user_client(token) as c:
+            return await c.get("container_requests", uuid,
+                               select=["uuid", "container_uuid", "log_uuid", "state"])
+
+    async def container_logs(self, uuid: str) -> list[dict[str, Any]]:
+        """The container's saved log records (``event_type``, ``properties.text``), oldest
+        first."""
+        return await self.root.list_all(
+            "logs", filters=[["object_uuid", "=", uuid],
+                             ["event_type", "in", list(LOG_EVENT_TYPES)]],
+            order=["id asc"], select=["uuid", "event_type", "properties"])
 
     async def current_user(self, token: str) -> dict[str, Any]:
         async with self._user_client(token) as c:
@@ -338,6 +359,7 @@ class Broker:
         self._tasks: set[asyncio.Task[Any]] = set()
         self.forward_timeout_s = 30.0
         self.webservices = WebServices(self)
+        self.container_logs = ContainerLogs(self)
 
     # --- mounting ----------------------------------------------------------------------------
 
@@ -348,6 +370,7 @@ class Broker:
             app.router.add_post(f"/arvados/v1/{kind}/{{uuid}}/gateway_tunnel", self.handle_tunnel)
             app.router.add_post(f"/arvados/v1/{kind}/{{uuid}}/ssh", self.handle_ssh)
             app.router.add_get(f"/arvados/v1/{kind}/{{uuid}}/ssh", self.handle_ssh_get)
+        self.container_logs.setup(app)
         app.on_shutdown.append(self._on_shutdown)
         # Always installed; it does nothing while ContainerWebServices.ExternalURL is empty.
         app.middlewares.append(self._web_middleware)

@@ -40,6 +40,8 @@ from typing import Any, Protocol
 
 import asyncssh
 
+from tunnel.webdav import LogServer
+
 log = logging.getLogger("crunchgate.tunnel.gateway")
 
 LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1", "0.0.0.0", "::"})
@@ -314,6 +316,10 @@ class Gateway:
         # A fresh host key per run, as the reference (clients use StrictHostKeyChecking no).
         self.host_key = asyncssh.generate_private_key("ssh-ed25519")
         self._conns: set[Any] = set()
+        # The live-log WebDAV server, when crunch-run keeps local copies of the logs
+        # (``GatewayContext.log_dir``); streams for ``log.gateway:80`` land on it.
+        log_dir = getattr(ctx, "log_dir", "") or ""
+        self.logs: LogServer | None = LogServer(ctx.container_uuid, log_dir) if log_dir else None
 
     async def serve_socket(self, sock: socket.socket) -> None:
         """Run one SSH server connection on ``sock`` (one end of a socketpair)."""
@@ -331,6 +337,8 @@ class Gateway:
         self._conns.discard(conn)
 
     def close(self) -> None:
-        """Close every SSH connection (their commands get SIGHUP)."""
+        """Close every SSH connection (their commands get SIGHUP) and live-log request."""
         for conn in list(self._conns):
             conn.close()
+        if self.logs is not None:
+            self.logs.close()

@@ -63,6 +63,8 @@ SSH_TARGET = "ssh.gateway:22"
 """``:authority`` of a stream that lands on the gateway's SSH server."""
 PORT_TARGET_HOST = "container"
 """Streams for ``container:<port>`` go to that port inside the container."""
+LOG_TARGET = "log.gateway:80"
+"""``:authority`` of a stream that carries one HTTP/1.1 request to the live-log WebDAV server."""
 DRAIN_DEBUG_DATA = b"reconnect"
 MAX_STREAM_ID = 2**31 - 1
 REASON_HEADER = "x-reason"

@@ -38,6 +38,7 @@ class GatewayContext:
     container_env: dict[str, str] = field(repr=False)
     container_cwd: str
     target_ip: str  # where ssh -L and container web-service connections go
+    log_dir: str = ""  # local copies of the logs (stderr.txt ...), served as live-log WebDAV
 
 
 class GatewayHandle:

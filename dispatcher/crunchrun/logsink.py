@@ -11,6 +11,12 @@ much was lost is added, so memory stays bounded while the controller is down.
 
 Every chunk goes through :func:`dispatcher.logs.redact`: a registered secret that a program
 prints (e.g. the runtime token it was given) is not stored in the controller's log table.
+
+With ``local_dir``, each event type's text is also appended, as it is written, to
+``<local_dir>/<event type>.txt`` (``stderr.txt``, ``stdout.txt``, ``crunch-run.txt``): the
+live-log WebDAV server of the gateway serves those files while the container runs (reference
+section 6). They are redacted the same way. A failing local write (disk full) stops the local
+copies with one warning; the upload goes on.
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -28,6 +36,7 @@ from dispatcher.logs import redact
 log = logging.getLogger("crunchgate.crunchrun.logsink")
 
 Uploader = Callable[[str, str], Awaitable[Any]]
+EVENT_TYPE_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 
 
 def timestamp() -> str:
@@ -49,8 +58,11 @@ class LogSink:
         flush_interval_s: float = 1.0,
         batch_bytes: int = 64 * 1024,
         max_buffer_bytes: int = 8 * 1024 * 1024,
+        local_dir: str | None = None,
     ) -> None:
         self._upload = upload
+        self.local_dir = local_dir
+        self._local_files: dict[str, Any] = {}
         self.flush_interval_s = flush_interval_s
         self.batch_bytes = batch_bytes
         self.max_buffer_bytes = max_buffer_bytes
@@ -72,12 +84,36 @@ class LogSink:
         """Queue ``text`` for ``event_type``. Never blocks, never raises."""
         if not text:
             return
+        if self.local_dir is not None:
+            self._write_local(event_type, text)
         self._pending.setdefault(event_type, []).append(text)
         self._size += len(text)
         if self._size > self.max_buffer_bytes:
             self._drop_oldest()
         if self._size >= self.batch_bytes:
             self._wake.set()
+
+    def _write_local(self, event_type: str, text: str) -> None:
+        if not EVENT_TYPE_RE.match(event_type):
+            return
+        f = self._local_files.get(event_type)
+        try:
+            if f is None:
+                assert self.local_dir is not None
+                path = os.path.join(self.local_dir, f"{event_type}.txt")
+                # Unbuffered, append only: what a live-log reader sees is what was written.
+                f = self._local_files[event_type] = open(path, "ab", buffering=0)  # noqa: SIM115
+            f.write(redact(text).encode("utf-8", "replace"))
+        except OSError as exc:
+            log.warning("cannot keep local log copies in %s any more: %s", self.local_dir, exc)
+            self.local_dir = None
+            self._close_local()
+
+    def _close_local(self) -> None:
+        files, self._local_files = list(self._local_files.values()), {}
+        for f in files:
+            with contextlib.suppress(OSError):
+                f.close()
 
     def crunch_run(self, message: str) -> None:
         """A timestamped line of crunch-run's own story (event type ``crunch-run``)."""
@@ -121,6 +157,7 @@ class LogSink:
             self.crunch_run(f"{self.dropped_chars} characters of output were dropped because "
                             "the API server could not be reached")
         await self.flush()
+        self._close_local()
 
     async def _run(self) -> None:
         while True:

@@ -99,6 +99,7 @@ class Runner:
                             batch_bytes=self.opts.log_batch_bytes)
         self.commands = CommandRunner(max_concurrency=2, default_timeout_s=30, redact=redact)
         self.scratch: str | None = None
+        self.log_dir: str | None = None
         self.runtime: Runtime | None = None
         self._stop: _Stop | None = None
         self._stop_event = asyncio.Event()
@@ -120,12 +121,14 @@ class Runner:
                 print(msg, file=sys.stderr)
                 self.log.error(msg)
                 return 1
+            self._make_log_dir()
             self.sink.start()
             try:
                 return await self._run_locked(ctr)
             finally:
                 await self.sink.close()
                 self._cleanup_scratch()
+                self._cleanup_log_dir()
         finally:
             self._remove_signal_handlers(loop)
 
@@ -201,6 +204,20 @@ class Runner:
             raise PrepareError(f"{runtime.executable} is not installed on this node "
                                f"(needed by --runtime-engine={engine})")
         return runtime
+
+    def _make_log_dir(self) -> None:
+        """Where the log sink keeps the local copies the live-log WebDAV server reads.
+
+        Not inside the scratch directory: that one is mounted into the container, which must
+        not be able to rewrite its own logs or plant symlinks there.
+        """
+        base = self.opts.scratch_base or tempfile.gettempdir()
+        try:
+            self.log_dir = tempfile.mkdtemp(prefix=f"crunch-run-{self.uuid}-logs-", dir=base)
+        except OSError as exc:
+            self.log.warning("no live logs: cannot create a log directory in %s: %s", base, exc)
+            return
+        self.sink.local_dir = self.log_dir
 
     def _make_scratch(self, cwd: str, engine: str) -> str:
         """Create the scratch directory; return the cwd to use (quick local fs calls only)."""
@@ -322,6 +339,7 @@ class Runner:
             container_env=runtime.container_env,
             container_cwd=runtime.container_cwd,
             target_ip=await runtime.target_ip(self.commands),
+            log_dir=self.log_dir or "",
         )
 
     async def _pump(self, stream: asyncio.StreamReader, event_type: str) -> None:
@@ -403,6 +421,11 @@ class Runner:
     def _remove_signal_handlers(self, loop: asyncio.AbstractEventLoop) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
+
+    def _cleanup_log_dir(self) -> None:
+        if self.log_dir:
+            shutil.rmtree(self.log_dir, ignore_errors=True)
+            self.log_dir = None
 
     def _cleanup_scratch(self) -> None:
         if self.scratch:

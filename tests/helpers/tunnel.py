@@ -96,6 +96,7 @@ class FakeBackend:
     requests: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     updates: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     port_scans: int = 0  # calls of running_published_ports
+    logs: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # ctr uuid -> records
 
     def add_container(self, uuid: str, owner: str = USER_UUID, **attrs: Any) -> dict[str, Any]:
         ctr = {"uuid": uuid, "state": "Running", "gateway_address": "",
@@ -112,6 +113,21 @@ class FakeBackend:
         if uuid not in self.containers or uuid in self.unreadable.get(token, set()):
             raise NotFound(404, ["not found"], "GET", "containers")
         return dict(self.containers[uuid])
+
+    async def container_request_as_user(self, token: str, uuid: str) -> dict[str, Any]:
+        if token not in self.users:
+            raise Forbidden(401, ["not logged in"], "GET", "container_requests")
+        cr = await self.container_request(uuid)
+        if cr["container_uuid"] in self.unreadable.get(token, set()):
+            raise NotFound(404, ["not found"], "GET", "container_requests")
+        return cr
+
+    async def container_logs(self, uuid: str) -> list[dict[str, Any]]:
+        return list(self.logs.get(uuid, []))
+
+    def add_log(self, uuid: str, event_type: str, text: str) -> None:
+        self.logs.setdefault(uuid, []).append({"event_type": event_type,
+                                               "properties": {"text": text}})
 
     async def current_user(self, token: str) -> dict[str, Any]:
         if token not in self.users:
@@ -232,11 +248,13 @@ class TunnelEnv:
             self.lt.run(runner.cleanup())
 
     def start_agent(self, uuid: str, *, secret: str | None = None,
-                    settings: TunnelSettings | None = None) -> Agent:
-        """Register ``uuid`` with the fake backend (Running) and connect an agent for it."""
+                    settings: TunnelSettings | None = None, log_dir: str = "") -> Agent:
+        """Register ``uuid`` with the fake backend (Running) and connect an agent for it;
+        ``log_dir`` is served as the container's live logs."""
         if uuid not in self.backend.containers:
             self.backend.add_container(uuid)
         ctx = local_context(uuid, self.url, self.certs.ca_file, str(self.workdir))
+        ctx.log_dir = log_dir
         if secret is not None:
             ctx.auth_secret = secret
 
