@@ -16,7 +16,8 @@ Mounted by the broker (it holds the tunnels) into the controller's application, 
 * Otherwise, or when the gateway cannot be reached and the container has just finished, the
   logs saved in the ``logs`` table are served as the same files (``<event type>.txt``) from
   memory: at the top level once the container has finished, and under ``/<container uuid>/`` in
-  any state; an empty directory when there are none. The gateway failing while the container is
+  any state, also for an earlier attempt (a container the caller can read); an empty directory
+  when there are none. The gateway failing while the container is
   still ``Locked``/``Running`` is ``503 proxy error: ...``.
 
 Neither the user's token nor any cookie reaches crunch-run: the stream carries only the
@@ -147,7 +148,18 @@ class ContainerLogs:
             except ArvadosError as exc:
                 return _error(503, f"cannot read the container: {exc}")
         base = f"/arvados/v1/container_requests/{cr_uuid}/log"
-        in_ctr = bool(ctr_uuid) and (path == f"/{ctr_uuid}" or path.startswith(f"/{ctr_uuid}/"))
+        first = path.split("/", 2)[1] if path.startswith("/") else ""
+        if first and first != ctr_uuid and UUID_RE.match(first) and "-dz642-" in first:
+            # An earlier attempt of this request (reference 6.3): its saved logs, if the
+            # caller can read that container.
+            try:
+                old = await backend.container_as_user(token, first)
+            except (NotFound, Forbidden):
+                return _error(404, f"container {first} not found")
+            except ArvadosError as exc:
+                return _error(503, f"cannot read the container: {exc}")
+            return await self._saved(request, base, first, old, True)
+        in_ctr = bool(ctr_uuid) and first == ctr_uuid
         if (ctr is not None and in_ctr and ctr.get("state") in LIVE_STATES
                 and ctr.get("gateway_address")):
             try:

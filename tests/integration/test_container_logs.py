@@ -224,6 +224,24 @@ def test_saved_logs_when_not_live_and_after_the_end(logs_env: LogEnv) -> None:
     assert r.status == 207 and r.text.count("<D:response>") == 1
 
 
+def test_earlier_attempt_is_served_from_saved_logs(logs_env: LogEnv) -> None:
+    le, first = logs_env, logs_env.uuid
+    backend = le.env.backend
+    backend.add_log(first, "stderr", "attempt one\n")
+    backend.containers[first]["state"] = "Cancelled"
+    # The request was retried: its container is now another one.
+    second = ctr_uuid(63)
+    backend.add_container(second, state="Queued")
+    backend.requests[second] = [{**backend.requests.pop(first)[0], "container_uuid": second}]
+    r = le.request("GET", f"{le.base}/{first}/stderr.txt")
+    assert (r.status, r.body) == (200, b"attempt one\n")
+    r = le.request("PROPFIND", f"{le.base}/", headers={"Depth": "1"})
+    assert r.status == 207 and "stderr.txt" not in r.text  # Queued: nothing at the top
+    backend.unreadable[USER_TOKEN] = {first}
+    r = le.request("GET", f"{le.base}/{first}/stderr.txt")
+    assert r.status == 404
+
+
 def test_gateway_unreachable(logs_env: LogEnv) -> None:
     le, ctr = logs_env, logs_env.uuid
     backend = le.env.backend

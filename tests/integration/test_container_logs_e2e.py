@@ -1,0 +1,123 @@
+"""Container logs end to end with real processes: two embedded controllers (C1, C2) on one
+database, a real ``crunch-run`` (local runtime) whose tunnel lands on C2, requests to C1.
+
+While the container runs, C1 forwards ``/arvados/v1/container_requests/<cr>/log/<ctr>/...`` to
+C2, which asks crunch-run's gateway over the tunnel (its local copy of the logs); once the
+container has ended, C1 answers from the ``logs`` table itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import signal
+import ssl
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.integration import test_tunnel_controllers as c1c2
+from tests.integration.test_tunnel_controllers import ROOT, Cluster, crunchgate
+
+pytestmark = pytest.mark.slow
+cluster = c1c2.cluster  # the two-controller fixture
+
+
+def dav(cl: Cluster, method: str, path: str, token: str, headers: dict[str, str] | None = None
+        ) -> tuple[int, dict[str, str], bytes]:
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    req = urllib.request.Request(cl.urls[0].rstrip("/") + path, method=method,
+                                 headers={"Authorization": f"Bearer {token}", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, context=ctx, timeout=20) as r:
+            return r.status, dict(r.headers), r.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, dict(exc.headers), exc.read()
+
+
+def test_live_logs_via_c1_then_saved_logs(cluster: Cluster, tmp_path: Path) -> None:
+    user_token = subprocess.run(
+        [*crunchgate(), "controller", "add-user", "alice", "--config", str(cluster.config),
+         "--data", str(cluster.data)], capture_output=True, text=True, timeout=60, check=True
+    ).stdout.strip()
+    cr = cluster.api("POST", "container_requests", user_token, {"container_request": {
+        # The workload ends when the test creates the file "stop" (its own poll, not ours).
+        "command": ["sh", "-c", "echo hello world >&2; echo out; "
+                    f"while [ ! -e {tmp_path}/stop ]; do sleep 0.1; done"],
+        "container_image": "debian:12", "output_path": "/out", "cwd": "/tmp",
+        "runtime_constraints": {"vcpus": 1, "ram": 64 << 20}, "state": "Committed",
+        "priority": 1}})
+    uuid, cr_uuid = cr["container_uuid"], cr["uuid"]
+    base = f"/arvados/v1/container_requests/{cr_uuid}/log"
+    # Before it runs: an empty directory, no error.
+    status, _, body = dav(cluster, "PROPFIND", base + "/", user_token, {"Depth": "1"})
+    assert status == 207 and body.count(b"<D:response>") == 1
+    cluster.api("POST", f"containers/{uuid}/lock")
+
+    secret = hmac.new(ROOT.encode(), uuid.encode(), hashlib.sha256).hexdigest()
+    env = {"PATH": os.environ["PATH"], **cluster.env(1, ROOT), "GatewayAuthSecret": secret,
+           "TMPDIR": str(tmp_path), "CRUNCH_RUN_LOCK_DIR": str(tmp_path)}
+    crun_log = tmp_path / "crunch-run.log"
+    with open(crun_log, "wb") as errf:
+        crun = subprocess.Popen([sys.executable, "-m", "dispatcher.crunchrun.main",
+                                 "--runtime-engine=local", "--poll-interval=0.3", uuid], env=env,
+                                stdout=subprocess.DEVNULL, stderr=errf, start_new_session=True)
+    try:
+        want = f"tunnel {cluster.urls[1]}"
+        deadline = time.monotonic() + 30
+        while True:
+            ctr = cluster.api("GET", f"containers/{uuid}")
+            if ctr["state"] == "Running" and ctr.get("gateway_address") == want:
+                break
+            assert crun.poll() is None, crun_log.read_text()[-3000:]
+            assert time.monotonic() < deadline, f"no tunnel on C2: {ctr.get('gateway_address')}"
+            time.sleep(0.2)
+
+        live = f"{base}/{uuid}/stderr.txt"
+        deadline = time.monotonic() + 20
+        while True:
+            status, headers, body = dav(cluster, "GET", live, user_token)
+            if status == 200 and body == b"hello world\n":
+                break
+            assert time.monotonic() < deadline, (status, body[:300])
+            time.sleep(0.1)
+        assert headers["Content-Type"] == "text/plain; charset=utf-8"
+        status, headers, body = dav(cluster, "GET", live, user_token, {"Range": "bytes=-6"})
+        assert (status, body, headers["Content-Range"]) == (206, b"world\n", "bytes 6-11/12")
+        status, _, body = dav(cluster, "PROPFIND", f"{base}/{uuid}/", user_token,
+                              {"Depth": "1"})
+        assert status == 207
+        for name in (b"stderr.txt", b"stdout.txt", b"crunch-run.txt"):
+            assert name in body
+        status, headers, _ = dav(cluster, "OPTIONS", f"{base}/{uuid}/", user_token)
+        assert status == 200 and headers["Dav"] == "1, 2"
+        assert "live log request forwarded" not in cluster.log(0)  # debug level: not logged
+        status, _, _ = dav(cluster, "GET", live, "v2/zzzzz-gj3su-000000000000000/nope")
+        assert status == 401
+
+        # The container ends: the saved logs take over.
+        (tmp_path / "stop").touch()
+        crun.wait(30)
+        assert cluster.api("GET", f"containers/{uuid}")["state"] == "Complete"
+        status, _, body = dav(cluster, "GET", live, user_token)
+        assert (status, body) == (200, b"hello world\n")
+        status, _, body = dav(cluster, "GET", f"{base}/stdout.txt", user_token)
+        assert (status, body) == (200, b"out\n")
+        status, _, body = dav(cluster, "PROPFIND", base, user_token, {"Depth": "1"})
+        assert status == 207 and b"crunch-run.txt" in body and f"{uuid}/".encode() in body
+    finally:
+        if crun.poll() is None:
+            os.killpg(crun.pid, signal.SIGKILL)
+            crun.wait(10)
+    logs = [cluster.log(0), cluster.log(1), crun_log.read_text(errors="replace")]
+    for text in logs:
+        assert ROOT not in text and user_token.rsplit("/", 1)[-1] not in text
+        assert secret not in text
