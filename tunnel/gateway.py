@@ -1,4 +1,6 @@
-"""The container gateway inside crunch-run: an SSH server (asyncssh) and a port proxy.
+"""The container gateway inside crunch-run: an SSH server (asyncssh), a port proxy, and the
+live-log WebDAV server (:class:`tunnel.webdav.LogServer`, when crunch-run keeps local log
+copies: ``GatewayContext.log_dir``).
 
 It is reached only through the tunnel: each SSH connection arrives as a tunnel stream that
 :mod:`tunnel.agent` splices to one end of a ``socketpair`` whose other end this server runs on.
