@@ -72,11 +72,16 @@ STATE_KEY = web.AppKey("crunchgate_service_state", ServiceState)
 # More ports run_service listens on (same address, same TLS), with the config key path that
 # asked for them (for the error message): the port-range form of container web services.
 EXTRA_PORTS_KEY = web.AppKey("crunchgate_extra_ports", tuple)
-# aiohttp >= 3.12 wants typed request keys; older releases take a plain string.
-REQUEST_ID_KEY: Any = (
-    web.RequestKey("crunchgate_request_id", str) if hasattr(web, "RequestKey")
-    else "crunchgate_request_id"
-)
+
+def request_key(name: str, kind: type) -> Any:
+    """A key for per-request storage: aiohttp >= 3.12 wants typed request keys (a plain string
+    warns), older releases take a plain string."""
+    return web.RequestKey(name, kind) if hasattr(web, "RequestKey") else name
+
+
+REQUEST_ID_KEY = request_key("crunchgate_request_id", str)
+#: The API route a request was served by, for the controller's metrics and access log.
+ROUTE_KEY = request_key("crunchgate_route", str)
 
 
 def request_id_of(request: web.Request) -> str:

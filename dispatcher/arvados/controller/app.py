@@ -29,6 +29,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Histogram
 
 from dispatcher.logs import register_secret
+from dispatcher.service import ROUTE_KEY, request_key
 
 from . import discovery
 from .errors import ApiError, BadRequest, NotFound, Unauthorized, Unprocessable
@@ -45,6 +46,7 @@ REGISTRY_KEY = web.AppKey("crunchgate.controller.registry", CollectorRegistry)
 LISTENERS_KEY = web.AppKey("crunchgate.controller.container_listeners", list)
 _METRICS_TASK_KEY = web.AppKey("crunchgate.controller.metrics_task", asyncio.Task[None])
 _SWEEP_TASK_KEY = web.AppKey("crunchgate.controller.sweep_task", asyncio.Task[None])
+CALLER_KEY = request_key("crunchgate.controller.caller", object)  # the Caller, once known
 
 ContainerCallback = Callable[[dict[str, Any] | None, dict[str, Any]], None]
 
@@ -117,7 +119,7 @@ async def authenticate_request(request: web.Request, params: Mapping[str, Any] |
     else:
         caller = await store.run(store.authenticate, token)
     register_secret(token)
-    request["caller"] = caller
+    request[CALLER_KEY] = caller
     return caller
 
 
@@ -350,7 +352,7 @@ def _dispatcher(table: dict[str, tuple[str, Handler, bool]]) -> Callable[[web.Re
             allowed = ", ".join(sorted(table))
             raise ApiError(f"method {method} not allowed here (allowed: {allowed})", 405)
         route, handler, needs_auth = entry
-        request["route"] = route
+        request[ROUTE_KEY] = route
         call = Call(request=request, params=params, store=request.app[STORE_KEY])
         if needs_auth:
             call.caller = await authenticate_request(request, params)
@@ -376,7 +378,7 @@ def add_api_routes(app: web.Application) -> None:
 
 
 async def discovery_handler(request: web.Request) -> web.StreamResponse:
-    request["route"] = "discovery"
+    request[ROUTE_KEY] = "discovery"
     store = request.app[STORE_KEY]
     host = request.headers.get("X-Forwarded-Host") or request.host
     cfg: Any = request.app[CONFIG_KEY]
@@ -434,9 +436,9 @@ def _middlewares(registry: CollectorRegistry) -> list[Any]:
             raise
         finally:
             elapsed = time.monotonic() - start
-            route = request.get("route") or ("other" if status != 404 else "not_found")
+            route = request.get(ROUTE_KEY) or ("other" if status != 404 else "not_found")
             duration.labels(route=route, method=request.method, code=str(status)).observe(elapsed)
-            caller: Caller | None = request.get("caller")
+            caller: Caller | None = request.get(CALLER_KEY)
             quiet = status < 400 and (request.method == "GET" or route == "logs.create")
             log.log(
                 logging.DEBUG if quiet else logging.INFO,
