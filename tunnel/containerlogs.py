@@ -35,7 +35,8 @@ from aiohttp import web
 
 from dispatcher.arvados.errors import ArvadosError, Forbidden, NotFound
 from dispatcher.logs import register_secret
-from tunnel.connection import StreamError, TunnelStream
+from dispatcher.service import ROUTE_KEY
+from tunnel.connection import StreamError
 from tunnel.errors import TunnelError
 from tunnel.protocol import LOG_TARGET
 from tunnel.webdav import (
@@ -50,10 +51,9 @@ from tunnel.webdav import (
 from tunnel.webservices import (
     MAX_HEAD,
     NO_FORWARD,
-    RESPONSE_HOP_BY_HOP,
-    BodyReader,
     WebError,
     parse_response_head,
+    relay_response,
 )
 
 if TYPE_CHECKING:
@@ -113,7 +113,7 @@ class ContainerLogs:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         from tunnel.broker import FALSE_WORDS, UUID_RE, request_token
 
-        request["route"] = "container_requests.log"
+        request[ROUTE_KEY] = "container_requests.log"
         if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
             return web.Response(status=200, headers=CORS_HEADERS)
         cr_uuid = request.match_info["uuid"]
@@ -240,48 +240,14 @@ class ContainerLogs:
                 status, reason, headers = parse_response_head(rhead)
             except WebError as exc:
                 raise _ProxyFailed(str(exc)) from exc
-            return await self._relay(request, st, uuid, status, reason, headers, rest)
+            return await relay_response(
+                request, st, uuid, status, reason, headers, rest,
+                decorate=lambda resp: resp.headers.update(EXPOSE), what="live log response")
         except (StreamError, TimeoutError) as exc:
             raise _ProxyFailed(f"container gateway: {exc or 'no answer in time'}") from exc
         finally:
             if not st.done.done():
                 st.abort()
-
-    async def _relay(self, request: web.Request, st: TunnelStream, uuid: str, status: int,
-                     reason: str, headers: list[tuple[str, str]], rest: bytes
-                     ) -> web.StreamResponse:
-        body = BodyReader(status, headers, request.method)
-        resp = web.StreamResponse(status=status, reason=reason or None)
-        for name, value in headers:
-            if name.lower() not in RESPONSE_HOP_BY_HOP:
-                resp.headers.add(name, value)
-        resp.headers.update(EXPOSE)
-        if body.length is not None:
-            resp.content_length = body.length
-        elif request.method == "HEAD":
-            for name, value in headers:
-                if name.lower() == "content-length":
-                    resp.headers["Content-Length"] = value
-        await resp.prepare(request)
-        try:
-            data = body.feed(rest)
-            while True:
-                if data:
-                    await resp.write(data)
-                if body.done:
-                    break
-                chunk = await st.read()
-                if not chunk:
-                    body.feed_eof()
-                    break
-                data = body.feed(chunk)
-        except (StreamError, WebError) as exc:
-            log.info("live log response cut short: %s", exc, extra={"container_uuid": uuid})
-            if request.transport is not None:
-                request.transport.abort()
-            return resp
-        await resp.write_eof()
-        return resp
 
     # --- saved: the logs table ------------------------------------------------------------------
 

@@ -363,6 +363,49 @@ class Forwarder:
             return resp
 
 
+async def relay_response(request: web.Request, st: TunnelStream, uuid: str, status: int,
+                         reason: str, headers: list[tuple[str, str]], rest: bytes, *,
+                         decorate: Callable[[web.StreamResponse], Any], what: str
+                         ) -> web.StreamResponse:
+    """Send a response whose head came over the tunnel stream ``st`` (``rest``: the body bytes
+    read with the head) to the client. aiohttp frames the body, so the client's connection
+    stays open for its next request; ``decorate`` adds our headers before the head goes out.
+    Container web services and live container logs both answer this way."""
+    body = BodyReader(status, headers, request.method)
+    resp = web.StreamResponse(status=status, reason=reason or None)
+    for name, value in headers:
+        if name.lower() not in RESPONSE_HOP_BY_HOP:
+            resp.headers.add(name, value)
+    decorate(resp)
+    if body.length is not None:
+        resp.content_length = body.length
+    elif request.method == "HEAD" or status in (204, 304):
+        for name, value in headers:  # what a GET would have carried
+            if name.lower() == "content-length":
+                resp.headers["Content-Length"] = value
+    await resp.prepare(request)
+    try:
+        data = body.feed(rest)
+        while True:
+            if data:
+                await resp.write(data)
+            if body.done:
+                break
+            chunk = await st.read()
+            if not chunk:
+                body.feed_eof()
+                break
+            data = body.feed(chunk)
+    except (StreamError, WebError) as exc:
+        # The head is out: all the client can be told is that the connection broke.
+        log.info("%s cut short: %s", what, exc, extra={"container_uuid": uuid})
+        if request.transport is not None:
+            request.transport.abort()
+        return resp
+    await resp.write_eof()
+    return resp
+
+
 class WebServices:
     """The vhost proxy; ``middleware`` is added to the broker's application."""
 
@@ -515,49 +558,15 @@ class WebServices:
         if upgrade:
             return await self._splice_upgrade(request, st, uuid, rhead, rest)
         try:
-            return await self._relay_response(request, st, uuid, rhead, rest)
+            status, reason, headers = parse_response_head(rhead)
+            return await relay_response(
+                request, st, uuid, status, reason, headers, rest,
+                decorate=lambda resp: resp.headers.add("Set-Cookie",
+                                                       f"arvados_container_uuid={uuid}"),
+                what="container web service response")
         finally:
             if not st.done.done():
                 st.abort()
-
-    async def _relay_response(self, request: web.Request, st: TunnelStream, uuid: str,
-                              rhead: bytes, rest: bytes) -> web.StreamResponse:
-        """An ordinary response: aiohttp frames the body, the client connection stays open."""
-        status, reason, headers = parse_response_head(rhead)
-        body = BodyReader(status, headers, request.method)
-        resp = web.StreamResponse(status=status, reason=reason or None)
-        for name, value in headers:
-            if name.lower() not in RESPONSE_HOP_BY_HOP:
-                resp.headers.add(name, value)
-        resp.headers.add("Set-Cookie", f"arvados_container_uuid={uuid}")
-        if body.length is not None:
-            resp.content_length = body.length
-        elif request.method == "HEAD" or status in (204, 304):
-            for name, value in headers:  # what a GET would have carried
-                if name.lower() == "content-length":
-                    resp.headers["Content-Length"] = value
-        await resp.prepare(request)
-        try:
-            data = body.feed(rest)
-            while True:
-                if data:
-                    await resp.write(data)
-                if body.done:
-                    break
-                chunk = await st.read()
-                if not chunk:
-                    body.feed_eof()
-                    break
-                data = body.feed(chunk)
-        except (StreamError, WebError) as exc:
-            # The head is out: all the client can be told is that the connection broke.
-            log.info("container web service response cut short: %s", exc,
-                     extra={"container_uuid": uuid})
-            if request.transport is not None:
-                request.transport.abort()
-            return resp
-        await resp.write_eof()
-        return resp
 
     async def _splice_upgrade(self, request: web.Request, st: TunnelStream, uuid: str,
                               rhead: bytes, rest: bytes) -> web.StreamResponse:
