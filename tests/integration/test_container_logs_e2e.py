@@ -13,8 +13,6 @@ import hmac
 import os
 import signal
 import ssl
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -23,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration import test_tunnel_controllers as c1c2
-from tests.integration.test_tunnel_controllers import ROOT, Cluster, crunchgate
+from tests.integration.test_tunnel_controllers import ROOT, Cluster
 
 pytestmark = pytest.mark.slow
 cluster = c1c2.cluster  # the two-controller fixture
@@ -44,10 +42,7 @@ def dav(cl: Cluster, method: str, path: str, token: str, headers: dict[str, str]
 
 
 def test_live_logs_via_c1_then_saved_logs(cluster: Cluster, tmp_path: Path) -> None:
-    user_token = subprocess.run(
-        [*crunchgate(), "controller", "add-user", "alice", "--config", str(cluster.config),
-         "--data", str(cluster.data)], capture_output=True, text=True, timeout=60, check=True
-    ).stdout.strip()
+    user_token = cluster.add_user("alice")
     cr = cluster.api("POST", "container_requests", user_token, {"container_request": {
         # The workload ends when the test creates the file "stop" (its own poll, not ours).
         "command": ["sh", "-c", "echo hello world >&2; echo out; "
@@ -63,24 +58,9 @@ def test_live_logs_via_c1_then_saved_logs(cluster: Cluster, tmp_path: Path) -> N
     cluster.api("POST", f"containers/{uuid}/lock")
 
     secret = hmac.new(ROOT.encode(), uuid.encode(), hashlib.sha256).hexdigest()
-    env = {"PATH": os.environ["PATH"], **cluster.env(1, ROOT), "GatewayAuthSecret": secret,
-           "TMPDIR": str(tmp_path), "CRUNCH_RUN_LOCK_DIR": str(tmp_path)}
     crun_log = tmp_path / "crunch-run.log"
-    with open(crun_log, "wb") as errf:
-        crun = subprocess.Popen([sys.executable, "-m", "dispatcher.crunchrun.main",
-                                 "--runtime-engine=local", "--poll-interval=0.3", uuid], env=env,
-                                stdout=subprocess.DEVNULL, stderr=errf, start_new_session=True)
+    crun = cluster.start_crunch_run(uuid, tmp_path)
     try:
-        want = f"tunnel {cluster.urls[1]}"
-        deadline = time.monotonic() + 30
-        while True:
-            ctr = cluster.api("GET", f"containers/{uuid}")
-            if ctr["state"] == "Running" and ctr.get("gateway_address") == want:
-                break
-            assert crun.poll() is None, crun_log.read_text()[-3000:]
-            assert time.monotonic() < deadline, f"no tunnel on C2: {ctr.get('gateway_address')}"
-            time.sleep(0.2)
-
         live = f"{base}/{uuid}/stderr.txt"
         deadline = time.monotonic() + 20
         while True:

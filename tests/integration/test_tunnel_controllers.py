@@ -81,6 +81,43 @@ class Cluster:
     def log(self, i: int) -> str:
         return (self.workdir / f"c{i + 1}.log").read_text(errors="replace")
 
+    def add_user(self, name: str) -> str:
+        """A new user's API token (``crunchgate controller add-user``)."""
+        return subprocess.run(
+            [*crunchgate(), "controller", "add-user", name, "--config", str(self.config),
+             "--data", str(self.data)], capture_output=True, text=True, timeout=60, check=True
+        ).stdout.strip()
+
+    def start_crunch_run(self, uuid: str, tmp_path: Path) -> subprocess.Popen[bytes]:
+        """crunch-run for the Locked container ``uuid``, talking to C2 so that its tunnel
+        terminates there; returns once the container is Running with that tunnel. Its log is
+        ``tmp_path / "crunch-run.log"``; the caller stops it."""
+        secret = hmac.new(ROOT.encode(), uuid.encode(), hashlib.sha256).hexdigest()
+        env = {"PATH": os.environ["PATH"], **self.env(1, ROOT), "GatewayAuthSecret": secret,
+               "TMPDIR": str(tmp_path), "CRUNCH_RUN_LOCK_DIR": str(tmp_path)}
+        crun_log = tmp_path / "crunch-run.log"
+        with open(crun_log, "wb") as errf:
+            crun = subprocess.Popen([sys.executable, "-m", "dispatcher.crunchrun.main",
+                                     "--runtime-engine=local", "--poll-interval=0.3", uuid],
+                                    env=env, stdout=subprocess.DEVNULL, stderr=errf,
+                                    start_new_session=True)
+        try:
+            want = f"tunnel {self.urls[1]}"
+            deadline = time.monotonic() + 30
+            while True:
+                ctr = self.api("GET", f"containers/{uuid}")
+                if ctr["state"] == "Running" and ctr.get("gateway_address") == want:
+                    return crun
+                assert crun.poll() is None, crun_log.read_text()[-3000:]
+                assert time.monotonic() < deadline, \
+                    f"no tunnel on C2: {ctr.get('gateway_address')}"
+                time.sleep(0.2)
+        except BaseException:
+            if crun.poll() is None:
+                os.killpg(crun.pid, signal.SIGKILL)
+                crun.wait(10)
+            raise
+
 
 def start_controller(cl: Cluster, i: int) -> subprocess.Popen[bytes]:
     env = dict(os.environ)
@@ -140,10 +177,7 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
 
 
 def test_shell_via_c1_to_a_tunnel_on_c2(cluster: Cluster, tmp_path: Path) -> None:
-    user_token = subprocess.run(
-        [*crunchgate(), "controller", "add-user", "alice", "--config", str(cluster.config),
-         "--data", str(cluster.data)], capture_output=True, text=True, timeout=60, check=True
-    ).stdout.strip()
+    user_token = cluster.add_user("alice")
     cr = cluster.api("POST", "container_requests", user_token, {"container_request": {
         "command": ["sleep", "120"], "container_image": "debian:12", "output_path": "/out",
         "cwd": "/tmp",
@@ -154,23 +188,9 @@ def test_shell_via_c1_to_a_tunnel_on_c2(cluster: Cluster, tmp_path: Path) -> Non
 
     # crunch-run talks to C2, so its tunnel terminates there.
     secret = hmac.new(ROOT.encode(), uuid.encode(), hashlib.sha256).hexdigest()
-    env = {"PATH": os.environ["PATH"], **cluster.env(1, ROOT), "GatewayAuthSecret": secret,
-           "TMPDIR": str(tmp_path), "CRUNCH_RUN_LOCK_DIR": str(tmp_path)}
-    crun = subprocess.Popen([sys.executable, "-m", "dispatcher.crunchrun.main",
-                             "--runtime-engine=local", "--poll-interval=0.3", uuid], env=env,
-                            stdout=subprocess.DEVNULL, stderr=open(tmp_path / "crunch-run.log",
-                                                                   "wb"),
-                            start_new_session=True)
+    crun = cluster.start_crunch_run(uuid, tmp_path)
     try:
-        want = f"tunnel {cluster.urls[1]}"
-        deadline = time.monotonic() + 30
-        while True:
-            ctr = cluster.api("GET", f"containers/{uuid}")
-            if ctr["state"] == "Running" and ctr.get("gateway_address") == want:
-                break
-            assert crun.poll() is None, (tmp_path / "crunch-run.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, f"no tunnel on C2: {ctr.get('gateway_address')}"
-            time.sleep(0.2)
+        ctr = cluster.api("GET", f"containers/{uuid}")
         assert not ctr.get("interactive_session_started")
 
         # OpenSSH -> connect-ssh -> C1 -> C2 -> tunnel -> crunch-run's gateway.
@@ -192,10 +212,7 @@ def test_shell_via_c1_to_a_tunnel_on_c2(cluster: Cluster, tmp_path: Path) -> Non
         assert cluster.api("GET", f"containers/{uuid}")["interactive_session_started"] is True
 
         # Another user is refused by both hops' rules.
-        other = subprocess.run(
-            [*crunchgate(), "controller", "add-user", "mallory", "--config", str(cluster.config),
-             "--data", str(cluster.data)], capture_output=True, text=True, timeout=60,
-            check=True).stdout.strip()
+        other = cluster.add_user("mallory")
         res = subprocess.run([*crunchgate(), "connect-ssh", "--probe-only", uuid],
                              env=cluster.env(0, other), capture_output=True, text=True,
                              timeout=30)
