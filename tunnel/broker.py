@@ -100,6 +100,7 @@ class Backend(Protocol):
     async def container_request(self, uuid: str) -> dict[str, Any]: ...
     async def requests_for(self, uuid: str) -> tuple[list[dict[str, Any]], int]: ...
     async def running_published_ports(self) -> list[dict[str, Any]]: ...
+    async def published_port_link(self, name: str) -> dict[str, Any] | None: ...
     async def update_container(self, uuid: str, attrs: dict[str, Any]) -> None: ...
     async def close(self) -> None: ...
 
@@ -158,6 +159,14 @@ class ApiBackend:
         """``uuid`` and ``published_ports`` of every Running container (port-range lookup)."""
         return await self.root.list_all("containers", filters=[["state", "=", "Running"]],
                                         select=["uuid", "published_ports"])
+
+    async def published_port_link(self, name: str) -> dict[str, Any] | None:
+        """The first ``published_port`` link named ``name`` (a web-service name), or None."""
+        resp = await self.root.list(
+            "links", filters=[["link_class", "=", "published_port"], ["name", "=", name]],
+            select=["uuid", "head_uuid", "properties"], limit=1, count="none")
+        items = resp.get("items") or []
+        return dict(items[0]) if items else None
 
     async def update_container(self, uuid: str, attrs: dict[str, Any]) -> None:
         await self.root.update("containers", uuid, attrs)

@@ -6,6 +6,8 @@ port of a container through its tunnel (reference section 5):
 
 * wildcard form (``https://*.containers.example.com``): target ``<container or container request
   UUID>-<port>``;
+* a published name (``https://<name>.containers.example.com``): the first ``published_port``
+  link named ``<name>`` gives the target, ``<head_uuid>-<properties.port>``;
 * port-range form (a plain host plus ``ExternalPortMin``/``ExternalPortMax``): a ``Host`` of that
   host with a port in the range is the container port that the controller assigned that
   external port while the container is Running (``published_ports[p].external_port``, see
@@ -445,6 +447,8 @@ class WebServices:
                 return ctr, port, ctr.get("published_ports") or {}
             m = TARGET_RE.match(target)
             if m is None:
+                m = TARGET_RE.match(await self._link_target(target))
+            if m is None:
                 raise WebError("container web service not found", 404)
             uuid, port = m.group(1), int(m.group(2))
             if not 1 <= port <= 65535:
@@ -461,6 +465,22 @@ class WebServices:
             raise WebError("container web service not found", 404) from exc
         except ArvadosError as exc:
             raise WebError(f"cannot look up the container: {exc}", 503) from exc
+
+    async def _link_target(self, name: str) -> str:
+        """A web service published under a name: the first ``published_port`` link called
+        ``name`` (looked up as root) stands for ``<head_uuid>-<properties.port>``."""
+        link = await self.broker.backend.published_port_link(name)
+        if link is None:
+            raise WebError("container web service not found", 404)
+        port = (link.get("properties") or {}).get("port")
+        # JSON has one number type: 8080.0 is 8080, but a string or a boolean is no port.
+        if isinstance(port, float) and port.is_integer():
+            port = int(port)
+        if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+            log.warning("published_port link %s has an invalid port %r", link.get("uuid"), port)
+            raise WebError(f"published_port link {link.get('uuid')} has an invalid port "
+                           "(properties.port must be a number 1..65535)", 500)
+        return f"{link.get('head_uuid') or ''}-{port}"
 
     async def handle(self, request: web.Request, target: str) -> web.StreamResponse:
         backend = self.broker.backend

@@ -97,6 +97,7 @@ class FakeBackend:
     updates: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     port_scans: int = 0  # calls of running_published_ports
     logs: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # ctr uuid -> records
+    links: list[dict[str, Any]] = field(default_factory=list)  # in lookup order
 
     def add_container(self, uuid: str, owner: str = USER_UUID, **attrs: Any) -> dict[str, Any]:
         ctr = {"uuid": uuid, "state": "Running", "gateway_address": "",
@@ -156,6 +157,17 @@ class FakeBackend:
         self.port_scans += 1
         return [{"uuid": u, "published_ports": c.get("published_ports") or {}}
                 for u, c in self.containers.items() if c.get("state") == "Running"]
+
+    def add_link(self, name: str, head_uuid: str, port: Any,
+                 link_class: str = "published_port") -> dict[str, Any]:
+        link = {"uuid": f"zzzzz-o0j2j-{len(self.links):015d}", "link_class": link_class,
+                "name": name, "head_uuid": head_uuid, "properties": {"port": port}}
+        self.links.append(link)
+        return link
+
+    async def published_port_link(self, name: str) -> dict[str, Any] | None:
+        return next((dict(link) for link in self.links
+                     if link["link_class"] == "published_port" and link["name"] == name), None)
 
     async def update_container(self, uuid: str, attrs: dict[str, Any]) -> None:
         self.updates.append((uuid, dict(attrs)))

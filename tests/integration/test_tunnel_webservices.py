@@ -392,3 +392,64 @@ def test_websocket_forwarded_to_the_controller_holding_the_tunnel(
                 assert ws.recv(timeout=10) == f"echo:via c1 {i}"
     finally:
         env.lt.run(runner.cleanup())
+
+
+def test_published_port_by_name(web_env: tuple[TunnelEnv, str, int]) -> None:
+    """Reference _PublishedPortByName(_ProxyTunnel): a ``published_port`` link names the
+    service; any method reaches the container with the original Host, here and via C1.
+    ("Any" known to aiohttp's request parser: the reference's made-up ``METHOD`` is refused
+    with 400 by the HTTP server before any routing.)"""
+    env, uuid, port = web_env
+    env.backend.containers[uuid]["published_ports"] = {str(port): {"access": "public"}}
+    env.backend.add_link("warthogfacedbuffoon", uuid.replace("-dz642-", "-xvhdp-"), port)
+    host = f"warthogfacedbuffoon.containers.localhost:{env.port}"
+    for method in ("GET", "PURGE"):
+        status, hdrs, body = request(env, host, method, "/path?q=1")
+        assert status == 200, body
+        assert body.startswith(f"{method} /path?q=1 host={host} ".encode())
+        assert hdrs["set-cookie"] == [f"arvados_container_uuid={uuid}"]
+    wait_for(lambda: env.backend.containers[uuid]["gateway_address"].startswith("tunnel "),
+             "gateway_address")
+    runner, c1_port = start_second_broker(env)
+    try:
+        ctx = ssl.create_default_context(cafile=env.certs.ca_file)
+        c = http.client.HTTPSConnection("127.0.0.1", c1_port, context=ctx, timeout=20)
+        c.request("PURGE", "/path", headers={"Host": host})
+        r = c.getresponse()
+        assert r.status == 200 and r.read().startswith(f"PURGE /path host={host} ".encode())
+        c.close()
+    finally:
+        env.lt.run(runner.cleanup())
+
+
+def test_published_port_name_not_found_or_bad_port(web_env: tuple[TunnelEnv, str, int]) -> None:
+    env, uuid, port = web_env
+    env.backend.containers[uuid]["published_ports"] = {str(port): {"access": "public"}}
+    cr = uuid.replace("-dz642-", "-xvhdp-")
+
+    def get(name: str) -> tuple[int, bytes]:
+        status, _, body = request(env, f"{name}.containers.localhost:{env.port}", "GET", "/")
+        return status, body
+
+    status, body = get("nosuchname")
+    assert status == 404 and b"container web service not found" in body
+    env.backend.add_link("notaport", cr, port, link_class="tag")  # another class: not a service
+    assert get("notaport")[0] == 404
+    for i, bad in enumerate([0, 65536, -1, str(port), True, None, 80.5, [port]]):
+        env.backend.add_link(f"bad{i}", cr, bad)
+        status, body = get(f"bad{i}")
+        assert status == 500 and b"invalid port" in body, (bad, body)
+    env.backend.add_link("float", cr, float(port))  # JSON numbers may come back as floats
+    assert get("float")[0] == 200
+    env.backend.add_link("nohead", "zzzzz-xvhdp-000000000000999", port)
+    assert get("nohead")[0] == 404
+
+
+def test_published_port_name_private_needs_token(web_env: tuple[TunnelEnv, str, int]) -> None:
+    env, uuid, port = web_env  # the port is private
+    env.backend.add_link("private-svc", uuid.replace("-dz642-", "-xvhdp-"), port)
+    host = f"private-svc.containers.localhost:{env.port}"
+    assert request(env, host, "GET", "/")[0] == 401
+    assert request(env, host, "GET", "/", {"Authorization": f"Bearer {OTHER_TOKEN}"})[0] == 403
+    status, _, body = request(env, host, "GET", "/", {"Authorization": f"Bearer {USER_TOKEN}"})
+    assert status == 200 and body.startswith(f"GET / host={host} ".encode())

@@ -34,7 +34,7 @@ from dispatcher.service import ROUTE_KEY, request_key
 from . import discovery
 from .errors import ApiError, BadRequest, NotFound, Unauthorized, Unprocessable
 from .filters import ListQuery, parse_list_params, parse_select
-from .models import CONTAINER, CONTAINER_REQUEST, LOG, USER, Resource
+from .models import CONTAINER, CONTAINER_REQUEST, LINK, LOG, USER, Resource
 from .states import Caller
 from .store import ListResult, Store, select_fields
 
@@ -265,6 +265,15 @@ async def logs_create(call: Call) -> Any:
     return _out(call, LOG, doc)
 
 
+async def links_create(call: Call) -> Any:
+    doc = await call.store.run(call.store.create_link, call.caller, call.body(LINK))
+    return _out(call, LINK, doc)
+
+
+async def links_delete(call: Call) -> Any:
+    return await call.store.run(call.store.delete_link, call.caller, call.uuid)
+
+
 async def config_get(call: Call) -> Any:
     return exported_config(call.request.app[CONFIG_KEY])
 
@@ -293,6 +302,10 @@ HANDLERS: dict[tuple[str, str], tuple[Handler, bool]] = {
     ("logs", "list"): (_make_list(LOG, "id desc"), True),
     ("logs", "get"): (_make_get(LOG), True),
     ("logs", "create"): (logs_create, True),
+    ("links", "list"): (_make_list(LINK), True),
+    ("links", "get"): (_make_get(LINK), True),
+    ("links", "create"): (links_create, True),
+    ("links", "delete"): (links_delete, True),
     ("configs", "get"): (config_get, False),
 }
 

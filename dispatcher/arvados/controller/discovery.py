@@ -29,11 +29,12 @@ SERVED: dict[str, tuple[str, ...]] = {
     "users": ("get", "list", "current", "system"),
     "api_client_authorizations": ("current",),
     "logs": ("get", "list", "create"),
+    "links": ("get", "list", "create", "delete"),
     "configs": ("get",),
 }
 SCHEMAS = (
     "Container", "ContainerList", "ContainerRequest", "ContainerRequestList", "User", "UserList",
-    "ApiClientAuthorization", "ApiClientAuthorizationList", "Log", "LogList",
+    "ApiClientAuthorization", "ApiClientAuthorizationList", "Log", "LogList", "Link", "LinkList",
 )
 PACKAGE_FILE = "discovery.json"
 

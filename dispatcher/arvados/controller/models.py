@@ -219,6 +219,28 @@ LOG = Resource(
     not_null=frozenset({"id", "uuid", "created_at", "modified_at"}),
 )
 
+# Only what container web services need (``published_port`` links, reference tunnel.md 5.2):
+# no permission links, so a link grants nothing.
+LINK = Resource(
+    name="links",
+    singular="link",
+    kind="arvados#link",
+    table="links",
+    fields={
+        **_COMMON,
+        "tail_uuid": "string",
+        "link_class": "string",
+        "name": "string",
+        "head_uuid": "string",
+        "properties": "hash",
+    },
+    promoted=frozenset(
+        {"uuid", "owner_uuid", "link_class", "name", "head_uuid", "tail_uuid", "created_at",
+         "modified_at"}
+    ),
+    not_null=frozenset({"uuid", "created_at", "modified_at", "owner_uuid"}),
+)
+
 RESOURCES: dict[str, Resource] = {
-    r.name: r for r in (CONTAINER, CONTAINER_REQUEST, USER, API_CLIENT_AUTHORIZATION, LOG)
+    r.name: r for r in (CONTAINER, CONTAINER_REQUEST, USER, API_CLIENT_AUTHORIZATION, LOG, LINK)
 }

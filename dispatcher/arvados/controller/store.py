@@ -1,4 +1,4 @@
-"""The controller's state in SQLite (WAL): users, tokens, containers, requests, logs.
+"""The controller's state in SQLite (WAL): users, tokens, containers, requests, logs, links.
 
 Every public method is synchronous and runs one transaction; the HTTP layer calls them through
 :meth:`Store.run`, which executes them on the store's single database thread. One thread means
@@ -37,7 +37,9 @@ from .models import (
     API_CLIENT_AUTHORIZATION,
     CONTAINER,
     CONTAINER_REQUEST,
+    LINK,
     LOG,
+    RESOURCES,
     USER,
     Resource,
 )
@@ -91,6 +93,13 @@ CREATE TABLE IF NOT EXISTS container_ports (
     external_port INTEGER PRIMARY KEY, container_port INTEGER NOT NULL,
     container_uuid TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS container_ports_uuid ON container_ports(container_uuid);
+CREATE TABLE IF NOT EXISTS links (
+    uuid TEXT PRIMARY KEY, owner_uuid TEXT NOT NULL, link_class TEXT, name TEXT,
+    head_uuid TEXT, tail_uuid TEXT, created_at TEXT NOT NULL, modified_at TEXT NOT NULL,
+    doc TEXT NOT NULL, hidden TEXT NOT NULL DEFAULT '{}');
+-- Container web services look a published_port link up by (link_class, name).
+CREATE INDEX IF NOT EXISTS links_class_name ON links(link_class, name);
+CREATE INDEX IF NOT EXISTS links_head ON links(head_uuid);
 """
 
 
@@ -496,6 +505,14 @@ class Store:
             return "uuid = ?", [caller.user_uuid]
         if resource is API_CLIENT_AUTHORIZATION:
             return "owner_uuid = ?", [caller.user_uuid]
+        if resource is LINK:
+            # Without permission links, a link is readable by its owner and by whoever owns
+            # the container request it points at.
+            return (
+                "(owner_uuid = ? OR head_uuid IN (SELECT uuid FROM container_requests WHERE "
+                "owner_uuid = ?))",
+                [caller.user_uuid, caller.user_uuid],
+            )
         return "0", []
 
     def _get_visible(self, resource: Resource, caller: Caller, uuid: str) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -973,6 +990,60 @@ class Store:
             doc["id"] = row[0]
             self._write(LOG, doc, {}, insert=True)
         return doc
+
+    # --- links ----------------------------------------------------------------------------------
+
+    LINK_CLIENT_FIELDS = frozenset(
+        {"owner_uuid", "link_class", "name", "head_uuid", "tail_uuid", "properties"})
+
+    def create_link(self, caller: Caller, attrs: Mapping[str, Any]) -> dict[str, Any]:
+        """A link owned by the caller (an admin may give another owner). A non-admin may only
+        point it at objects it can read; ``permission`` links are refused (not implemented, so
+        they would grant nothing)."""
+        unknown = set(attrs) - self.LINK_CLIENT_FIELDS
+        if unknown:
+            raise Unprocessable(f"cannot set {sorted(unknown)} on a link")
+        attrs = check_types(LINK, attrs)
+        if not attrs.get("link_class"):
+            raise Unprocessable("link_class: a link needs a link_class")
+        if attrs["link_class"] == "permission":
+            raise Unprocessable("permission links are not supported by this controller")
+        owner = attrs.get("owner_uuid") or caller.user_uuid
+        if owner != caller.user_uuid and not caller.is_admin:
+            raise Forbidden("permission denied: cannot create a link owned by someone else")
+        with self._tx():
+            if not caller.is_admin:
+                for end in ("head_uuid", "tail_uuid"):
+                    if attrs.get(end):
+                        self._check_readable(caller, end, attrs[end])
+            now = self._now()
+            doc = self._base_doc(LINK, caller, now)
+            doc.update(properties={}, name="")
+            doc.update({k: v for k, v in attrs.items() if v is not None})
+            doc["owner_uuid"] = owner
+            self._write(LINK, doc, {}, insert=True)
+        return doc
+
+    def _check_readable(self, caller: Caller, what: str, uuid: str) -> None:
+        infix = uuid[6:11] if len(uuid) == 27 else ""
+        resource = next((r for r in RESOURCES.values() if r.infix == infix), None)
+        try:
+            if resource is None:
+                raise NotFound(uuid)
+            self._get_visible(resource, caller, uuid)
+        except NotFound:
+            raise Forbidden(f"permission denied: {what} {uuid} is not an object you can "
+                            "read") from None
+
+    def delete_link(self, caller: Caller, uuid: str) -> dict[str, Any]:
+        """Delete a link: its owner or an admin."""
+        with self._tx():
+            link, _ = self._get_visible(LINK, caller, uuid)
+            if not caller.is_admin and link["owner_uuid"] != caller.user_uuid:
+                raise Forbidden("permission denied: only the link's owner or an admin may "
+                                "delete it")
+            self._conn.execute("DELETE FROM links WHERE uuid = ?", (uuid,))
+        return link
 
     # Log event types written by crunch-run and dispatchers; swept after Containers.Logging.MaxAge.
     SWEPT_LOG_TYPES = ("stdout", "stderr", "crunch-run", "crunchstat", "hoststat", "arv-mount",
