@@ -265,7 +265,13 @@ def test_a_cancelled_command_is_killed_not_left_running(tmp_path: Path, monkeypa
     deadline = time.monotonic() + 5
     started = [int(p) for p in pids.read_text().split()]
     assert len(started) == 2
-    while any(Path(f"/proc/{p}").exists() and
-              Path(f"/proc/{p}/stat").read_text().split()[2] != "Z" for p in started):
+
+    def running(pid: int) -> bool:
+        try:  # gone, or a zombie waiting for its parent: not running
+            return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+        except FileNotFoundError:  # (the process may vanish between two looks)
+            return False
+
+    while any(running(p) for p in started):
         assert time.monotonic() < deadline, "a cancelled scontrol is still running"
         time.sleep(0.05)
