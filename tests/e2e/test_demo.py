@@ -13,6 +13,7 @@ import pytest
 
 from dispatcher.arvados.client import ArvadosClient
 from tests.helpers.core import core_run
+from tests.helpers.procs import alive
 
 pytestmark = pytest.mark.slow
 
@@ -25,18 +26,6 @@ def run_demo(tmp_path, *args: str, timeout_s: float = 240) -> subprocess.Complet
     return subprocess.run(
         [sys.executable, "-m", "dispatcher.cli", "demo", "--data", str(tmp_path / "demo"), *args],
         capture_output=True, text=True, timeout=timeout_s, env=env)
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:  # a zombie is not alive
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def test_demo_runs_the_workload_and_cleans_up(tmp_path):

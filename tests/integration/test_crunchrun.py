@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from tests.helpers.fakeapi import FAKEAPI_TOKEN_UUID, RUNTIME_TOKEN, FakeApi
+from tests.helpers.procs import alive
 
 SECRET = "gatewaysecret" + "0123456789abcdef" * 3
 UUID = "zzzzz-dz642-crunchruntest01"
@@ -33,15 +34,6 @@ def wait_for(cond: Callable[[], Any], timeout: float = 30, what: str = "conditio
             return value
         time.sleep(0.05)
     raise AssertionError(f"timed out waiting for {what}")
-
-
-def alive(pid: int) -> bool:
-    """True if ``pid`` runs (a zombie left for an init that does not reap counts as gone)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 class CrunchRun:

@@ -16,6 +16,7 @@ from dispatcher.core.backend import QueryFailed, SubmitFailed
 from dispatcher.slurm.backend import SlurmBackend
 from dispatcher.slurm.commands import Backoff, SlurmCLI
 from tests.helpers.paths import REPO_ROOT
+from tests.helpers.procs import alive
 
 U1 = "zzzzz-dz642-aaaaaaaaaaaaaaa"
 U2 = "zzzzz-dz642-bbbbbbbbbbbbbbb"
@@ -265,13 +266,6 @@ def test_a_cancelled_command_is_killed_not_left_running(tmp_path: Path, monkeypa
     deadline = time.monotonic() + 5
     started = [int(p) for p in pids.read_text().split()]
     assert len(started) == 2
-
-    def running(pid: int) -> bool:
-        try:  # gone, or a zombie waiting for its parent: not running
-            return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
-        except FileNotFoundError:  # (the process may vanish between two looks)
-            return False
-
-    while any(running(p) for p in started):
+    while any(alive(p) for p in started):
         assert time.monotonic() < deadline, "a cancelled scontrol is still running"
         time.sleep(0.05)
