@@ -16,10 +16,8 @@ from pathlib import Path
 import pytest
 
 from tests.helpers.controller import ControllerProcess, start_controller
-from tests.helpers.tunnel import LoopThread, local_context
-from tests.integration.test_webservices_port_range import poll, start_service
-from tunnel.agent import GatewayService, start_gateway
-from tunnel.protocol import gateway_auth_secret
+from tests.helpers.tunnel import LoopThread
+from tests.integration.test_webservices_port_range import start_container_gateway, start_service
 
 
 @pytest.fixture
@@ -71,15 +69,8 @@ def test_published_port_by_name_end_to_end(wildcard_controller: ControllerProces
             "properties": {"port": "http"}}}, token=user)
         assert status == 200
 
-        ctx = local_context(uuid, ctl.url, str(ctl.ca_file), str(tmp_path))
-        ctx.auth_secret = gateway_auth_secret(ctl.root_token, uuid)
-
-        async def start() -> GatewayService:
-            return start_gateway(ctx)
-
-        gw = lt.run(start())
+        gw = start_container_gateway(lt, ctl, uuid, tmp_path)
         try:
-            poll(lambda: ctl.get_container(uuid)["gateway_address"], "the tunnel")
             host = "warthogfacedbuffoon.containers.localhost"
             for method in ("GET", "PURGE"):
                 status, body = vhost_request(ctl, host, method, "/path?x=1")

@@ -78,6 +78,25 @@ async def start_service() -> tuple[web.AppRunner, int]:
     return runner, site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
 
 
+def start_container_gateway(lt: LoopThread, ctl: ControllerProcess, uuid: str,
+                            tmp_path: Path) -> GatewayService:
+    """crunch-run's gateway for the Running container ``uuid`` (local runtime), returned once
+    its tunnel is registered with ``ctl``; the caller closes it (``lt.run(gw.aclose())``)."""
+    ctx = local_context(uuid, ctl.url, str(ctl.ca_file), str(tmp_path))
+    ctx.auth_secret = gateway_auth_secret(ctl.root_token, uuid)
+
+    async def start() -> GatewayService:
+        return start_gateway(ctx)
+
+    gw = lt.run(start())
+    try:
+        poll(lambda: ctl.get_container(uuid)["gateway_address"], "the tunnel")
+    except BaseException:
+        lt.run(gw.aclose())
+        raise
+    return gw
+
+
 def poll(fn: Any, what: str, timeout_s: float = 20.0) -> Any:
     deadline = time.monotonic() + timeout_s
     while True:
@@ -116,15 +135,8 @@ def test_port_range_end_to_end(range_controller: tuple[ControllerProcess, int],
         assert running["65534"]["external_port"] == low + 1
         assert "external_port" not in running["65535"] and "base_url" not in running["65535"]
 
-        ctx = local_context(uuid, ctl.url, str(ctl.ca_file), str(tmp_path))
-        ctx.auth_secret = gateway_auth_secret(ctl.root_token, uuid)
-
-        async def start() -> GatewayService:
-            return start_gateway(ctx)
-
-        gw = loop_thread.run(start())
+        gw = start_container_gateway(loop_thread, ctl, uuid, tmp_path)
         try:
-            poll(lambda: ctl.get_container(uuid)["gateway_address"], "the tunnel")
             ssl_ctx = ssl.create_default_context(cafile=str(ctl.ca_file))
 
             async def browse(*urls: str) -> list[tuple[int, str]]:
