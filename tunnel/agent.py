@@ -25,7 +25,7 @@ import logging
 import random
 import socket
 import ssl
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -259,22 +259,23 @@ async def serve_gateway_stream(gateway: Gateway, target_ip: str, conn: TunnelCon
     """Connect one stream to its target (SSH server or a container port)."""
     loop = asyncio.get_running_loop()
     host, _, port_text = st.target.rpartition(":")
+
+    async def over_socketpair(serve: Callable[[socket.socket], Awaitable[None]]) -> None:
+        # An in-process server gets its end of a socketpair; the stream is spliced to ours.
+        ours, theirs = socket.socketpair()
+        _, pipe = await loop.create_connection(lambda: LocalPipe(st, defer=True), sock=ours)
+        conn.accept(st)
+        pipe.activate()
+        await serve(theirs)
+
     try:
         if st.target == SSH_TARGET:
-            ours, theirs = socket.socketpair()
-            _, pipe = await loop.create_connection(lambda: LocalPipe(st, defer=True), sock=ours)
-            conn.accept(st)
-            pipe.activate()
-            await gateway.serve_socket(theirs)
+            await over_socketpair(gateway.serve_socket)
         elif st.target == LOG_TARGET:
             if gateway.logs is None:
                 conn.refuse(st, 404, "no live log filesystem (crunch-run keeps no local logs)")
                 return
-            ours, theirs = socket.socketpair()
-            _, pipe = await loop.create_connection(lambda: LocalPipe(st, defer=True), sock=ours)
-            conn.accept(st)
-            pipe.activate()
-            await gateway.logs.serve_socket(theirs)
+            await over_socketpair(gateway.logs.serve_socket)
         elif host == PORT_TARGET_HOST and port_text.isdigit() and 0 < int(port_text) < 65536:
             port = int(port_text)
             try:
