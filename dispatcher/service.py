@@ -73,6 +73,7 @@ STATE_KEY = web.AppKey("crunchgate_service_state", ServiceState)
 # asked for them (for the error message): the port-range form of container web services.
 EXTRA_PORTS_KEY = web.AppKey("crunchgate_extra_ports", tuple)
 
+
 def request_key(name: str, kind: type) -> Any:
     """A key for per-request storage: aiohttp >= 3.12 wants typed request keys (a plain string
     warns), older releases take a plain string."""

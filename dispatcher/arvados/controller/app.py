@@ -35,7 +35,7 @@ from . import discovery
 from .errors import ApiError, BadRequest, NotFound, Unauthorized, Unprocessable
 from .filters import ListQuery, parse_list_params, parse_select
 from .models import CONTAINER, CONTAINER_REQUEST, LINK, LOG, USER, Resource
-from .states import Caller
+from .states import Caller, WebServicesConfig
 from .store import ListResult, Store, select_fields
 
 log = logging.getLogger("crunchgate.controller")
@@ -557,10 +557,10 @@ def web_service_ports(cfg: Any) -> tuple[int, ...]:
     from dispatcher.config import ConfigError, listen_url
 
     ws = getattr(getattr(cfg, "services", None), "container_web_services", None)
-    if ws is None or not ws.external_url or ws.external_port_min <= 0:
+    if ws is None:
         return ()
-    host = urlsplit(ws.external_url).hostname or ""
-    if host.startswith("*") or ws.external_port_max < ws.external_port_min:
+    web_cfg = WebServicesConfig.from_config(ws)
+    if not web_cfg.port_range:
         return ()
     try:
         scheme = urlsplit(listen_url(cfg, "Controller")).scheme
@@ -568,7 +568,7 @@ def web_service_ports(cfg: Any) -> tuple[int, ...]:
         return ()
     if scheme != "https":
         return ()
-    return tuple(range(ws.external_port_min, ws.external_port_max + 1))
+    return tuple(range(web_cfg.port_min, web_cfg.port_max + 1))
 
 
 def build_app(

@@ -450,6 +450,12 @@ class WebServicesConfig:
     port_min: int = 0
     port_max: int = 0
 
+    @classmethod
+    def from_config(cls, ws: Any) -> WebServicesConfig:
+        """From the config's ``Services.ContainerWebServices`` section."""
+        return cls(external_url=ws.external_url, port_min=ws.external_port_min,
+                   port_max=ws.external_port_max)
+
     @property
     def wildcard(self) -> bool:
         return self.host.startswith("*")

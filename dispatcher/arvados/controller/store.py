@@ -119,7 +119,6 @@ class Policy:
     @classmethod
     def from_config(cls, cfg: Any) -> Policy:
         """Build from a :class:`dispatcher.config.ClusterConfig`."""
-        ws = cfg.services.container_web_services
         return cls(
             cluster_id=cfg.cluster_id or "zzzzz",
             system_root_token=cfg.system_root_token,
@@ -128,9 +127,8 @@ class Policy:
             default_keep_cache_ram=cfg.containers.default_keep_cache_ram,
             default_priority=cfg.containers.default_priority,
             max_items_per_response=cfg.api.max_items_per_response,
-            web_services=states.WebServicesConfig(
-                external_url=ws.external_url, port_min=ws.external_port_min,
-                port_max=ws.external_port_max),
+            web_services=states.WebServicesConfig.from_config(
+                cfg.services.container_web_services),
         )
 
     @property
