@@ -43,7 +43,7 @@ import contextlib
 import logging
 import re
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from http.cookies import SimpleCookie
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
@@ -342,27 +342,13 @@ class Forwarder:
             raise WebError(f"cannot reach the controller holding the tunnel: {exc}",
                            503) from exc
         async with upstream:
-            resp = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-            for name, value in upstream.headers.items():
-                if name.lower() not in RESPONSE_HOP_BY_HOP:
-                    resp.headers.add(name, value)
             length = upstream.headers.get("Content-Length", "")
-            if request.method == "HEAD" or upstream.status in (204, 304):
-                if length:
-                    resp.headers["Content-Length"] = length
-            elif length.isdigit():
-                resp.content_length = int(length)
-            await resp.prepare(request)
-            try:
-                async for chunk in upstream.content.iter_any():
-                    await resp.write(chunk)
-            except (aiohttp.ClientError, OSError) as exc:
-                log.info("forwarded container web service response cut short: %s", exc)
-                if request.transport is not None:
-                    request.transport.abort()
-                return resp
-            await resp.write_eof()
-            return resp
+            bodyless = request.method == "HEAD" or upstream.status in (204, 304)
+            return await send_response(
+                request, upstream.status, upstream.reason or "", list(upstream.headers.items()),
+                None if bodyless or not length.isdigit() else int(length),
+                upstream.content.iter_any(), errors=(aiohttp.ClientError, OSError),
+                what="forwarded container web service response")
 
 
 async def relay_response(request: web.Request, st: TunnelStream, uuid: str, status: int,
@@ -370,37 +356,57 @@ async def relay_response(request: web.Request, st: TunnelStream, uuid: str, stat
                          decorate: Callable[[web.StreamResponse], Any], what: str
                          ) -> web.StreamResponse:
     """Send a response whose head came over the tunnel stream ``st`` (``rest``: the body bytes
-    read with the head) to the client. aiohttp frames the body, so the client's connection
-    stays open for its next request; ``decorate`` adds our headers before the head goes out.
-    Container web services and live container logs both answer this way."""
+    read with the head) to the client; ``decorate`` adds our headers. Container web services
+    and live container logs both answer this way."""
     body = BodyReader(status, headers, request.method)
+
+    async def chunks() -> AsyncIterator[bytes]:
+        data = body.feed(rest)
+        while True:
+            if data:
+                yield data
+            if body.done:
+                return
+            chunk = await st.read()
+            if not chunk:
+                body.feed_eof()
+                return
+            data = body.feed(chunk)
+
+    return await send_response(request, status, reason, headers, body.length, chunks(),
+                               errors=(StreamError, WebError), what=what, decorate=decorate,
+                               log_extra={"container_uuid": uuid})
+
+
+async def send_response(request: web.Request, status: int, reason: str,
+                        headers: Iterable[tuple[str, str]], length: int | None,
+                        chunks: AsyncIterator[bytes], *, errors: tuple[type[Exception], ...],
+                        what: str, decorate: Callable[[web.StreamResponse], Any] | None = None,
+                        log_extra: Mapping[str, Any] | None = None) -> web.StreamResponse:
+    """Write an upstream response (the container's, or another controller's) to the client.
+    aiohttp frames the body, so the client's connection stays open for its next request.
+    ``length`` is the body's Content-Length when it has a body and one is known; a bodyless
+    answer (HEAD, 204, 304) keeps the Content-Length a GET would have carried."""
+    headers = list(headers)
     resp = web.StreamResponse(status=status, reason=reason or None)
     for name, value in headers:
         if name.lower() not in RESPONSE_HOP_BY_HOP:
             resp.headers.add(name, value)
-    decorate(resp)
-    if body.length is not None:
-        resp.content_length = body.length
+    if decorate is not None:
+        decorate(resp)
+    if length is not None:
+        resp.content_length = length
     elif request.method == "HEAD" or status in (204, 304):
-        for name, value in headers:  # what a GET would have carried
+        for name, value in headers:
             if name.lower() == "content-length":
                 resp.headers["Content-Length"] = value
     await resp.prepare(request)
     try:
-        data = body.feed(rest)
-        while True:
-            if data:
-                await resp.write(data)
-            if body.done:
-                break
-            chunk = await st.read()
-            if not chunk:
-                body.feed_eof()
-                break
-            data = body.feed(chunk)
-    except (StreamError, WebError) as exc:
+        async for chunk in chunks:
+            await resp.write(chunk)
+    except errors as exc:
         # The head is out: all the client can be told is that the connection broke.
-        log.info("%s cut short: %s", what, exc, extra={"container_uuid": uuid})
+        log.info("%s cut short: %s", what, exc, extra=dict(log_extra or {}))
         if request.transport is not None:
             request.transport.abort()
         return resp
