@@ -122,8 +122,8 @@ class ContainerLogs:
             return _error(404, "not found")
         token = request_token(request)
         register_secret(token)
-        no_forward = (request.query.get("no_forward", "").strip().lower() not in FALSE_WORDS
-                      or request.headers.get(NO_FORWARD, "") not in ("", "0", "false"))
+        no_forward = any(v.strip().lower() not in FALSE_WORDS for v in (
+            request.query.get("no_forward", ""), request.headers.get(NO_FORWARD, "")))
         backend = self.broker.backend
         unauthorized = {"Www-Authenticate": 'Basic realm="collections"'}
         if not token:
