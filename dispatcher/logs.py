@@ -45,13 +45,14 @@ _plain: dict[int, set[str]] = {}        # alphanumeric secrets by length
 _plain_lengths: tuple[int, ...] = ()    # the keys of _plain, longest first
 _v2_tokens: set[str] = set()            # whole "v2/<uuid>/<secret>" tokens
 _other: list[str] = []                  # any other shape, longest first
+_longest = 0                            # the longest registered secret (for StreamRedactor)
 
 
 def register_secret(value: str | None) -> None:
     """Make sure ``value`` never appears in a log line. Short values are ignored."""
     if not value or len(value) < _WORD_MIN:
         return
-    global _plain_lengths, _other
+    global _plain_lengths, _other, _longest
     new = [value]
     # Arvados v2 tokens are "v2/<uuid>/<secret>": scrub the secret part on its own too.
     if value.startswith("v2/") and value.count("/") == 2:
@@ -63,6 +64,7 @@ def register_secret(value: str | None) -> None:
             if v in _secrets:
                 continue
             _secrets.add(v)
+            _longest = max(_longest, len(v))
             if v.isascii() and v.isalnum():
                 bucket = _plain.get(len(v))
                 if bucket is None:
@@ -118,6 +120,55 @@ def redact(text: str) -> str:
     if _plain_lengths:
         text = _WORD.sub(_redact_word, text)
     return text
+
+
+_TOKEN_TAIL = re.compile(r"[A-Za-z0-9/-]+\Z")  # what a plain secret or a v2 token is made of
+
+
+class StreamRedactor:
+    """:func:`redact` for text that arrives in pieces cut anywhere (a program's output, read
+    from a pipe): a secret split across two pieces is caught as well.
+
+    :meth:`feed` returns its text redacted, except for a tail that may be the start of a
+    secret whose rest is still to come: that tail is held and put in front of the next piece.
+    It is at most one character shorter than the longest registered secret, and only the
+    trailing run of token characters (``[A-Za-z0-9/-]``) -- or, if a secret of another shape
+    is registered, the unfinished last line. :meth:`release` hands the held tail out
+    (redacted) when no more text is coming.
+    """
+
+    def __init__(self) -> None:
+        self._held = ""
+
+    @property
+    def holding(self) -> bool:
+        return bool(self._held)
+
+    def feed(self, text: str) -> str:
+        if self._held:
+            text, self._held = self._held + text, ""
+        # Redact the whole text first: every secret that ends inside it is gone, whatever
+        # is held back. Only a secret that starts in the last (longest - 1) characters can
+        # still be unfinished.
+        text = redact(text)
+        keep = _longest - 1
+        if keep <= 0 or not text or text[-1] == "\n":
+            return text
+        tail = text[-keep:]
+        if _other:
+            held = len(tail) - (tail.rfind("\n") + 1)
+        else:
+            m = _TOKEN_TAIL.search(tail)
+            held = len(m.group()) if m else 0
+        if held:
+            self._held = text[-held:]
+            text = text[:-held]
+        return text
+
+    def release(self) -> str:
+        """The held tail, redacted; nothing is held afterwards."""
+        held, self._held = self._held, ""
+        return redact(held) if held else ""
 
 
 class JSONFormatter(logging.Formatter):

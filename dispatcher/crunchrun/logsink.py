@@ -9,8 +9,12 @@ If the API server stays unreachable (the client already retried), text is kept f
 flush up to ``max_buffer_bytes``; beyond that the oldest text is dropped and a note saying how
 much was lost is added, so memory stays bounded while the controller is down.
 
-Every chunk goes through :func:`dispatcher.logs.redact`: a registered secret that a program
-prints (e.g. the runtime token it was given) is not stored in the controller's log table.
+Every event type's text goes through a :class:`dispatcher.logs.StreamRedactor` as it is
+written: a registered secret that a program prints (e.g. the runtime token it was given) is not
+stored in the controller's log table nor in the local copies, also when the pipe read that
+brought it cut it in two. The few characters at the end of a piece that may start a secret are
+held until the next piece, or until a flush finds that no more text came for that event type
+since the flush before (a prompt without a newline still shows up, one flush interval late).
 
 With ``local_dir``, each event type's text is also appended, as it is written, to
 ``<local_dir>/<event type>.txt`` (``stderr.txt``, ``stdout.txt``, ``crunch-run.txt``): the
@@ -31,7 +35,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from dispatcher.arvados.errors import ArvadosError
-from dispatcher.logs import redact
+from dispatcher.logs import StreamRedactor, redact
 
 log = logging.getLogger("crunchgate.crunchrun.logsink")
 
@@ -67,6 +71,8 @@ class LogSink:
         self.batch_bytes = batch_bytes
         self.max_buffer_bytes = max_buffer_bytes
         self._pending: dict[str, list[str]] = {}
+        self._redactors: dict[str, StreamRedactor] = {}
+        self._fed: set[str] = set()  # event types written to since the last periodic flush
         self._size = 0
         self._wake = asyncio.Event()
         self._flush_lock = asyncio.Lock()
@@ -82,6 +88,16 @@ class LogSink:
 
     def write(self, event_type: str, text: str) -> None:
         """Queue ``text`` for ``event_type``. Never blocks, never raises."""
+        if not text:
+            return
+        redactor = self._redactors.get(event_type)
+        if redactor is None:
+            redactor = self._redactors[event_type] = StreamRedactor()
+        self._fed.add(event_type)
+        self._queue(event_type, redactor.feed(text))
+
+    def _queue(self, event_type: str, text: str) -> None:
+        """Keep already redacted text: the local copy at once, the upload for the next flush."""
         if not text:
             return
         if self.local_dir is not None:
@@ -103,7 +119,7 @@ class LogSink:
                 path = os.path.join(self.local_dir, f"{event_type}.txt")
                 # Unbuffered, append only: what a live-log reader sees is what was written.
                 f = self._local_files[event_type] = open(path, "ab", buffering=0)  # noqa: SIM115
-            f.write(redact(text).encode("utf-8", "replace"))
+            f.write(text.encode("utf-8", "replace"))
         except OSError as exc:
             log.warning("cannot keep local log copies in %s any more: %s", self.local_dir, exc)
             self.local_dir = None
@@ -128,6 +144,7 @@ class LogSink:
                 for start in range(0, len(text), self.batch_bytes):
                     chunk = text[start:start + self.batch_bytes]
                     try:
+                        # Redacted when written; again here for a secret registered since.
                         await self._upload(event_type, redact(chunk))
                         self.uploads += 1
                     except (ArvadosError, OSError) as exc:
@@ -156,6 +173,7 @@ class LogSink:
         if self.dropped_chars:
             self.crunch_run(f"{self.dropped_chars} characters of output were dropped because "
                             "the API server could not be reached")
+        self._release_held(everything=True)
         await self.flush()
         self._close_local()
 
@@ -164,7 +182,16 @@ class LogSink:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.flush_interval_s)
             self._wake.clear()
+            self._release_held(everything=False)
             await self.flush()
+
+    def _release_held(self, *, everything: bool) -> None:
+        """Queue the tails the redactors hold back: all of them (no more output is coming), or
+        those of event types that got no text since the last periodic flush."""
+        for event_type, redactor in self._redactors.items():
+            if redactor.holding and (everything or event_type not in self._fed):
+                self._queue(event_type, redactor.release())
+        self._fed.clear()
 
     def _drop_oldest(self) -> None:
         # Drop whole queued pieces, oldest first across event types, until under the limit.

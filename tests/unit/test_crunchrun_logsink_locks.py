@@ -75,13 +75,13 @@ def test_logsink_keeps_text_when_upload_fails_then_sends_it() -> None:
 
     async def go() -> None:
         sink = LogSink(rec, flush_interval_s=3600)
-        sink.write("stdout", "a")
+        sink.write("stdout", "a\n")
         await sink.flush()  # fails: kept
-        sink.write("stdout", "b")
+        sink.write("stdout", "b\n")
         await sink.close()
 
     asyncio.run(go())
-    assert rec.calls == [("stdout", "ab")]
+    assert rec.calls == [("stdout", "a\nb\n")]
 
 
 def test_logsink_bounded_buffer_drops_oldest_and_says_so() -> None:
@@ -90,7 +90,7 @@ def test_logsink_bounded_buffer_drops_oldest_and_says_so() -> None:
     async def go() -> LogSink:
         sink = LogSink(rec, flush_interval_s=3600, max_buffer_bytes=100)
         for _ in range(50):
-            sink.write("stdout", "0123456789")
+            sink.write("stdout", "012345678\n")
         return sink
 
     sink = asyncio.run(go())
@@ -109,6 +109,28 @@ def test_logsink_redacts_registered_secrets() -> None:
 
     asyncio.run(go())
     assert "sinksecretvalue123" not in rec.calls[0][1]
+
+
+def test_logsink_catches_a_secret_cut_by_a_read_and_shows_an_idle_tail() -> None:
+    register_secret("cutsecretvalue4567")
+    rec = Recorder()
+
+    async def go() -> None:
+        sink = LogSink(rec, flush_interval_s=0.05)
+        sink.start()
+        sink.write("stdout", "token=cutsec")
+        await sink.flush()  # an upload between the two reads
+        sink.write("stdout", "retvalue4567\n")
+        sink.write("stdout", "Password: abc")  # a prompt: no newline, nothing follows
+        deadline = asyncio.get_running_loop().time() + 10
+        while "abc" not in "".join(t for _, t in rec.calls):
+            assert asyncio.get_running_loop().time() < deadline, rec.calls
+            await asyncio.sleep(0.02)
+        await sink.close()
+
+    asyncio.run(go())
+    out = "".join(t for _, t in rec.calls)
+    assert out == "token=[REDACTED]\nPassword: abc"
 
 
 def test_normalize_go_style_flags() -> None:

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dispatcher import logs
-from dispatcher.logs import REDACTED, redact, register_secret
+from dispatcher.logs import REDACTED, StreamRedactor, redact, register_secret
 
 
 @pytest.fixture(autouse=True)
@@ -20,6 +20,7 @@ def fresh_registry(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(logs, "_plain_lengths", ())
     monkeypatch.setattr(logs, "_v2_tokens", set())
     monkeypatch.setattr(logs, "_other", [])
+    monkeypatch.setattr(logs, "_longest", 0)
 
 
 def test_each_shape_of_secret_is_replaced() -> None:
@@ -77,3 +78,64 @@ def test_no_registered_secret_survives(secrets: list[str], pieces: list[str],
     out = redact(text)
     for s in secrets:
         assert s not in out.replace(REDACTED, "\0")
+
+
+def _stream(text: str, cuts: list[int]) -> tuple[str, list[str]]:
+    """``text`` fed to a StreamRedactor in pieces cut at ``cuts``; (all output, the outputs
+    of the feeds)."""
+    r = StreamRedactor()
+    bounds = [0, *sorted({min(c, len(text)) for c in cuts}), len(text)]
+    fed = [r.feed(text[a:b]) for a, b in zip(bounds, bounds[1:], strict=False)]
+    return "".join(fed) + r.release(), fed
+
+
+def test_a_secret_cut_by_a_read_is_still_replaced() -> None:
+    gateway = hashlib.sha256(b"ctr").hexdigest()
+    token = "v2/zzzzz-gj3su-0123456789abcde/" + "s3cr3t" * 8
+    register_secret(gateway)
+    register_secret(token)
+    for secret in (gateway, token):
+        text = f"before {secret} after\n"
+        for cut in range(len(text) + 1):
+            out, _ = _stream(text, [cut])
+            assert out == f"before {REDACTED} after\n", cut
+
+
+def test_only_a_possible_start_of_a_secret_is_held() -> None:
+    register_secret("abcdefgh12345678")
+    r = StreamRedactor()
+    assert r.feed("progress 50% ") == "progress 50% "  # ends in no token character
+    assert r.feed("line\n") == "line\n"
+    assert r.feed("x" * 40 + " id=abcdef") == "x" * 40 + " id="  # may be a secret's start
+    assert r.holding
+    assert r.feed("gh12345678 done\n") == f"{REDACTED} done\n"
+    assert r.feed("tail abc") == "tail "
+    assert r.release() == "abc"
+    assert not r.holding and r.release() == ""
+
+
+def test_nothing_is_held_while_no_secret_is_registered() -> None:
+    r = StreamRedactor()
+    assert r.feed("abc") == "abc"
+    assert not r.holding
+
+
+@settings(max_examples=300, deadline=None)
+@given(secrets=st.lists(st.text(alphabet=ALPHABET, min_size=8, max_size=14), max_size=6),
+       pieces=st.lists(st.text(alphabet=ALPHABET, max_size=12), max_size=8),
+       picks=st.lists(st.integers(min_value=0, max_value=5), max_size=8),
+       cuts=st.lists(st.integers(min_value=0, max_value=200), max_size=6))
+def test_no_registered_secret_survives_streaming(secrets: list[str], pieces: list[str],
+                                                 picks: list[int], cuts: list[int]) -> None:
+    """The same texts, fed in pieces cut anywhere: nothing is lost, no secret is left."""
+    for s in secrets:
+        register_secret(s)
+    text = "".join(
+        piece + (secrets[pick % len(secrets)] if secrets else "")
+        for piece, pick in zip(pieces, picks, strict=False)
+    )
+    out, _ = _stream(text, cuts)
+    for s in secrets:
+        assert s not in out.replace(REDACTED, "\0")
+    if not secrets:
+        assert out == text

@@ -132,17 +132,19 @@ def test_logsink_keeps_redacted_local_copies(tmp_path: Path) -> None:
 
     async def go() -> None:
         sink = LogSink(upload, flush_interval_s=3600, local_dir=str(tmp_path))
-        sink.write("stderr", "hello ")
+        sink.write("stderr", "hello\n")
         # Written at once, before any upload: that is what the live log shows.
-        assert (tmp_path / "stderr.txt").read_text() == "hello "
-        sink.write("stderr", "world localcopysecret987\n")
+        assert (tmp_path / "stderr.txt").read_text() == "hello\n"
+        # A secret cut in two by the pipe reads is caught in the copy too.
+        sink.write("stderr", "world localcopy")
+        sink.write("stderr", "secret987\n")
         sink.write("stdout", "out\n")
         sink.crunch_run("started")
         sink.write("../evil", "x")  # not a file name: no local copy
         await sink.close()
 
     asyncio.run(go())
-    assert (tmp_path / "stderr.txt").read_text().startswith("hello world ")
+    assert (tmp_path / "stderr.txt").read_text() == "hello\nworld [REDACTED]\n"
     assert "localcopysecret987" not in (tmp_path / "stderr.txt").read_text()
     assert (tmp_path / "stdout.txt").read_text() == "out\n"
     assert (tmp_path / "crunch-run.txt").read_text().endswith(" started\n")
