@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiohttp import web
@@ -107,3 +108,48 @@ def test_dev_certs_are_reused_and_extended(tmp_path: Path) -> None:
     # The server certificate verifies against the CA.
     ctx = ssl.create_default_context(cafile=str(wider.ca_cert))
     ctx.load_cert_chain(str(wider.cert), str(wider.key))
+
+
+def _handshake(server_ctx: Any, client_ctx: Any, server_hostname: str) -> None:
+    """A TLS handshake in memory; raises ssl.SSLCertVerificationError on a name mismatch."""
+    import ssl
+
+    c_in, c_out, s_in, s_out = (ssl.MemoryBIO() for _ in range(4))
+    client = client_ctx.wrap_bio(c_in, c_out, server_hostname=server_hostname)
+    server = server_ctx.wrap_bio(s_in, s_out, server_side=True)
+    done = {"client": False, "server": False}
+    for _ in range(10):
+        for name, obj in (("client", client), ("server", server)):
+            if not done[name]:
+                try:
+                    obj.do_handshake()
+                    done[name] = True
+                except ssl.SSLWantReadError:
+                    pass
+        s_in.write(c_out.read())
+        c_in.write(s_out.read())
+        if all(done.values()):
+            return
+    raise AssertionError("handshake did not finish")
+
+
+def test_dev_certificate_covers_container_web_services(tmp_path: Path) -> None:
+    import ssl
+
+    from dispatcher.arvados.controller.cli import certificate_names
+
+    cfg = parse_config({"Clusters": {"zzzzz": {"Services": {
+        "Controller": {"ExternalURL": "https://ctl.localhost:8443",
+                       "InternalURLs": {"https://127.0.0.1:8443": {}}},
+        "ContainerWebServices": {"ExternalURL": "https://*.containers.localhost:9443"},
+    }}}})
+    names = certificate_names(cfg, "127.0.0.1")
+    assert names == ["127.0.0.1", "ctl.localhost", "*.containers.localhost"]
+    paths = ensure_dev_certs(tmp_path, names)
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server.load_cert_chain(str(paths.cert), str(paths.key))
+    client = ssl.create_default_context(cafile=str(paths.ca_cert))
+    _handshake(server, client, "zzzzz-dz642-000000000000001-8080.containers.localhost")
+    _handshake(server, client, "ctl.localhost")
+    with pytest.raises(ssl.SSLCertVerificationError):
+        _handshake(server, client, "elsewhere.localhost")

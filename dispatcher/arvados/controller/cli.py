@@ -69,6 +69,25 @@ def open_store(cfg: Any, data_dir: Path) -> Store:
     return Store(data_dir / DB_FILE, Policy.from_config(cfg))
 
 
+def certificate_names(cfg: Any, listen_host: str) -> list[str]:
+    """Names a generated development certificate must carry: the listen host, the controller's
+    ExternalURL host, and the container web services host (``*.containers.example`` for the
+    wildcard form, the plain host for the port-range form), so that browsers and curl trusting
+    the dev CA reach container web services too."""
+    from dispatcher.config import controller_url
+
+    names = [listen_host]
+    with contextlib.suppress(Exception):
+        ext = urlsplit(controller_url(cfg)).hostname
+        if ext:
+            names.append(ext)
+    with contextlib.suppress(Exception):
+        ws = urlsplit(cfg.services.container_web_services.external_url).hostname
+        if ws:
+            names.append(ws)
+    return list(dict.fromkeys(names))
+
+
 def tls_context(cfg: Any, data_dir: Path, hostnames: list[str]) -> tuple[ssl.SSLContext, str | None]:
     """Server TLS context: the configured certificate, else the generated development one.
 
@@ -110,7 +129,7 @@ async def serve(
     with_broker: bool = True,
 ) -> None:
     """Run the controller until SIGTERM/SIGINT."""
-    from dispatcher.config import controller_url, listen_url
+    from dispatcher.config import listen_url
     from dispatcher.service import run_service
 
     from .app import build_app
@@ -119,11 +138,7 @@ async def serve(
     parts = urlsplit(url)
     host = (parts.hostname or "127.0.0.1").strip("[]")
     port = parts.port or (443 if parts.scheme == "https" else 80)
-    names = [host]
-    with contextlib.suppress(Exception):
-        ext = urlsplit(controller_url(cfg)).hostname
-        if ext:
-            names.append(ext)
+    names = certificate_names(cfg, host)
     ctx, ca_file = tls_context(cfg, data_dir, names) if parts.scheme == "https" else (None, None)
     if with_broker:
         broker = broker_setup(cfg, ca_file)
