@@ -59,6 +59,7 @@ MINE_FIELDS = ("uuid", "state", "priority", "locked_by_uuid", "created_at", "run
 CANCEL_REPEAT_S = 60.0
 # Upper bound of the poll backoff after failures, and of the per-container submit backoff.
 MAX_POLL_BACKOFF_S = 120.0
+MIN_POLL_GAP = 0.25  # of PollInterval: the least pause between the end of a poll and the next
 MAX_SUBMIT_BACKOFF_S = 600.0
 FINAL_STATES = ("Complete", "Cancelled")
 
@@ -343,8 +344,9 @@ class Dispatcher:
                 await self._sleep(self._poll_delay(), stop)
         self.consecutive_failures = 0
         while not stop.is_set():
+            started = time.monotonic()
             await self.poll_once()
-            await self._sleep(self._poll_delay(), stop)
+            await self._sleep(self._poll_delay(time.monotonic() - started), stop)
         await self.close()
 
     async def close(self, grace_s: float = 10.0) -> None:
@@ -376,9 +378,13 @@ class Dispatcher:
         except TimeoutError:
             pass
 
-    def _poll_delay(self) -> float:
+    def _poll_delay(self, elapsed_s: float = 0.0) -> float:
+        """The pause before the next poll. Healthy: what is left of ``PollInterval`` after a
+        poll that took ``elapsed_s`` (polls start one interval apart, as the reference's
+        ticker), but at least :data:`MIN_POLL_GAP` of it, so a slow controller or scheduler is
+        never queried back to back. After failures: exponential backoff with jitter."""
         if self.consecutive_failures == 0:
-            return self.poll_interval_s
+            return max(self.poll_interval_s - elapsed_s, self.poll_interval_s * MIN_POLL_GAP)
         cap = max(self.poll_interval_s, MAX_POLL_BACKOFF_S)
         delay = min(cap, self.poll_interval_s * 2 ** min(self.consecutive_failures, 10))
         return delay * random.uniform(0.5, 1.0)
