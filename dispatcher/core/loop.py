@@ -59,7 +59,6 @@ MINE_FIELDS = ("uuid", "state", "priority", "locked_by_uuid", "created_at", "run
 CANCEL_REPEAT_S = 60.0
 # Upper bound of the poll backoff after failures, and of the per-container submit backoff.
 MAX_POLL_BACKOFF_S = 120.0
-MIN_POLL_GAP = 0.25  # of PollInterval: the least pause between the end of a poll and the next
 MAX_SUBMIT_BACKOFF_S = 600.0
 FINAL_STATES = ("Complete", "Cancelled")
 
@@ -379,12 +378,17 @@ class Dispatcher:
             pass
 
     def _poll_delay(self, elapsed_s: float = 0.0) -> float:
-        """The pause before the next poll. Healthy: what is left of ``PollInterval`` after a
-        poll that took ``elapsed_s`` (polls start one interval apart, as the reference's
-        ticker), but at least :data:`MIN_POLL_GAP` of it, so a slow controller or scheduler is
-        never queried back to back. After failures: exponential backoff with jitter."""
+        """The pause before the next poll, after one that took ``elapsed_s``.
+
+        Healthy: polls start one ``PollInterval`` apart (as the reference's ticker) while a
+        poll takes at most half of it; a longer poll is followed by a pause as long as itself,
+        at most one interval. So polling never takes more than half of the time: a slow
+        controller or scheduler is asked less often (the reference's ticker polls back to back
+        then), and a burst of submissions keeps the CPU it needs. After failures: exponential
+        backoff with jitter."""
         if self.consecutive_failures == 0:
-            return max(self.poll_interval_s - elapsed_s, self.poll_interval_s * MIN_POLL_GAP)
+            interval = self.poll_interval_s
+            return max(interval - elapsed_s, min(elapsed_s, interval))
         cap = max(self.poll_interval_s, MAX_POLL_BACKOFF_S)
         delay = min(cap, self.poll_interval_s * 2 ** min(self.consecutive_failures, 10))
         return delay * random.uniform(0.5, 1.0)
