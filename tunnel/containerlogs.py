@@ -196,8 +196,10 @@ class ContainerLogs:
                         "Services.Controller.InternalURLs: %s", url,
                         extra={"container_uuid": uuid})
             raise _ProxyFailed("container gateway is running but tunnel endpoint is invalid")
-        body = await request.read()
+        # Cloned before the body is read (aiohttp refuses to clone a request after that): a
+        # WebDAV client's PROPFIND carries an XML body.
         marked = request.clone(rel_url=request.rel_url.update_query(no_forward="true"))
+        body = await request.read()
         try:
             resp = await self.broker.webservices.forwarder.forward(marked, url, body)
         except WebError as exc:

@@ -27,12 +27,12 @@ pytestmark = pytest.mark.slow
 cluster = c1c2.cluster  # the two-controller fixture
 
 
-def dav(cl: Cluster, method: str, path: str, token: str, headers: dict[str, str] | None = None
-        ) -> tuple[int, dict[str, str], bytes]:
+def dav(cl: Cluster, method: str, path: str, token: str, headers: dict[str, str] | None = None,
+        body: bytes | None = None) -> tuple[int, dict[str, str], bytes]:
     ctx = ssl.create_default_context()
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
-    req = urllib.request.Request(cl.urls[0].rstrip("/") + path, method=method,
+    req = urllib.request.Request(cl.urls[0].rstrip("/") + path, method=method, data=body,
                                  headers={"Authorization": f"Bearer {token}", **(headers or {})})
     try:
         with urllib.request.urlopen(req, context=ctx, timeout=20) as r:
@@ -72,8 +72,11 @@ def test_live_logs_via_c1_then_saved_logs(cluster: Cluster, tmp_path: Path) -> N
         assert headers["Content-Type"] == "text/plain; charset=utf-8"
         status, headers, body = dav(cluster, "GET", live, user_token, {"Range": "bytes=-6"})
         assert (status, body, headers["Content-Range"]) == (206, b"world\n", "bytes 6-11/12")
+        # With a body, as WebDAV clients send it (forwarded C1 -> C2 with it).
         status, _, body = dav(cluster, "PROPFIND", f"{base}/{uuid}/", user_token,
-                              {"Depth": "1"})
+                              {"Depth": "1", "Content-Type": "application/xml"},
+                              b'<?xml version="1.0"?><propfind xmlns="DAV:"><allprop/>'
+                              b"</propfind>")
         assert status == 207
         for name in (b"stderr.txt", b"stdout.txt", b"crunch-run.txt"):
             assert name in body
