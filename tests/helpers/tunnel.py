@@ -192,7 +192,8 @@ class TunnelCerts:
 
 @pytest.fixture(scope="session")
 def tunnel_certs(tmp_path_factory: pytest.TempPathFactory) -> TunnelCerts:
-    paths = make_certs(tmp_path_factory.mktemp("tunnel-certs"))
+    # The wildcard: container web services (curl verifies the name).
+    paths = make_certs(tmp_path_factory.mktemp("tunnel-certs"), ["*.containers.localhost"])
     return TunnelCerts(str(paths.ca_cert), str(paths.cert), str(paths.key))
 
 

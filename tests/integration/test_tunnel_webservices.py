@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import base64
 import http.client
+import shutil
 import ssl
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -453,3 +455,71 @@ def test_published_port_name_private_needs_token(web_env: tuple[TunnelEnv, str, 
     assert request(env, host, "GET", "/", {"Authorization": f"Bearer {OTHER_TOKEN}"})[0] == 403
     status, _, body = request(env, host, "GET", "/", {"Authorization": f"Bearer {USER_TOKEN}"})
     assert status == 200 and body.startswith(f"GET / host={host} ".encode())
+
+
+# --- with curl, as the reference's tests do (8.1 _Curl_*) -------------------------------------
+
+
+def curl(env: TunnelEnv, host: str, *args: str) -> tuple[int, str]:
+    """curl (verifying the dev CA) on ``https://<host>...`` reached on 127.0.0.1; (HTTP status
+    of the last response, body)."""
+    name = host.rsplit(":", 1)[0]
+    res = subprocess.run(
+        ["curl", "-sS", "--max-time", "20", "--cacert", env.certs.ca_file,
+         "--resolve", f"{name}:{env.port}:127.0.0.1", "-w", "\n%{http_code}", *args],
+        capture_output=True, text=True, timeout=30, check=False)
+    assert res.returncode == 0, res.stderr
+    body, _, code = res.stdout.rpartition("\n")
+    return int(code), body
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def test_curl_query_token_redirect_cookie_jar_and_methods(web_env: tuple[TunnelEnv, str, int],
+                                                           tmp_path: Any) -> None:
+    env, uuid, port = web_env
+    host = f"{uuid}-{port}.containers.localhost:{env.port}"
+    jar = str(tmp_path / "jar")
+    # Token in the query: curl follows the redirect with the cookie it was given; the
+    # query (repeated and empty parameters too) arrives upstream without the token.
+    status, body = curl(env, host, "-L", "-c", jar, "-b", jar,
+                        f"https://{host}/foobar?baz&baz&arvados_api_token={USER_TOKEN}&waz=quux")
+    assert status == 200, body
+    assert body.startswith("GET /foobar?baz=&baz=&waz=quux ") and f"host={host}" in body
+    assert USER_TOKEN not in body
+    assert "#HttpOnly_" in (tmp_path / "jar").read_text()  # the token cookie is HttpOnly
+    # Cookie authentication, other methods, a body.
+    status, body = curl(env, host, "-b", jar, "-X", "PATCH", "--data-binary", "patched",
+                        f"https://{host}/p")
+    assert status == 200 and body.startswith("PATCH /p ") and "body=patched" in body, body
+    status, body = curl(env, host, "-b", jar, "-X", "POST", "--data-binary", "posted",
+                        f"https://{host}/q?x=1")
+    assert status == 200 and body.startswith("POST /q?x=1 ") and "body=posted" in body, body
+    # No token, private port: refused.
+    assert curl(env, host, f"https://{host}/")[0] == 401
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def test_curl_public_port_and_reused_port(web_env: tuple[TunnelEnv, str, int],
+                                          tmp_path: Any) -> None:
+    env, uuid, port = web_env
+    env.backend.containers[uuid]["published_ports"] = {str(port): {"access": "public"}}
+    host = f"{uuid}-{port}.containers.localhost:{env.port}"
+    status, body = curl(env, host, f"https://{host}/anon")
+    assert status == 200 and body.startswith("GET /anon "), body
+    status, body = curl(env, host, "-X", "OPTIONS", f"https://{host}/anon")
+    assert status == 200 and body.startswith("OPTIONS /anon "), body
+    # A cookie from another container that used this port before: a POST is refused with
+    # 410 and an empty body, never redirected (its body could not follow).
+    stale = "arvados_container_uuid=zzzzz-dz642-000000000000777"
+    status, body = curl(env, host, "-L", "-b", stale, "-X", "POST", "--data-binary", "x",
+                        f"https://{host}/anon")
+    assert (status, body) == (410, "")
+    # A GET with that cookie in a cookie jar: exactly one redirect, which expires the stale
+    # cookie in the jar, then the service.
+    jar = tmp_path / "jar"
+    name = host.rsplit(":", 1)[0]
+    jar.write_text(f"{name}\tFALSE\t/\tTRUE\t0\t{stale.replace('=', chr(9))}\n")
+    status, body = curl(env, host, "-L", "--max-redirs", "1", "-b", str(jar), "-c", str(jar),
+                        f"https://{host}/anon")
+    assert status == 200 and body.startswith("GET /anon "), body
+    assert "zzzzz-dz642-000000000000777" not in jar.read_text()
