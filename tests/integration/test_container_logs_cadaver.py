@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration import test_tunnel_controllers as c1c2
+from tests.integration.test_container_logs_e2e import hello_request
 from tests.integration.test_tunnel_controllers import Cluster
 
 pytestmark = [
@@ -122,13 +123,7 @@ def cadaver(cl: Cluster, path: str, token: str, commands: list[str], cwd: Path) 
 
 def test_cadaver_lists_and_gets_live_and_saved_logs(cluster: Cluster, tmp_path: Path) -> None:
     token = cluster.add_user("carol")
-    cr = cluster.api("POST", "container_requests", token, {"container_request": {
-        "command": ["sh", "-c", "echo hello world >&2; "
-                    f"while [ ! -e {tmp_path}/stop ]; do sleep 0.1; done"],
-        "container_image": "debian:12", "output_path": "/out", "cwd": "/tmp",
-        "runtime_constraints": {"vcpus": 1, "ram": 64 << 20}, "state": "Committed",
-        "priority": 1}})
-    uuid, cr_uuid = cr["container_uuid"], cr["uuid"]
+    uuid, cr_uuid = hello_request(cluster, token, tmp_path)
     base = f"/arvados/v1/container_requests/{cr_uuid}/log/{uuid}/"
     cluster.api("POST", f"containers/{uuid}/lock")
     crun = cluster.start_crunch_run(uuid, tmp_path)

@@ -41,16 +41,22 @@ def dav(cl: Cluster, method: str, path: str, token: str, headers: dict[str, str]
         return exc.code, dict(exc.headers), exc.read()
 
 
-def test_live_logs_via_c1_then_saved_logs(cluster: Cluster, tmp_path: Path) -> None:
-    user_token = cluster.add_user("alice")
-    cr = cluster.api("POST", "container_requests", user_token, {"container_request": {
-        # The workload ends when the test creates the file "stop" (its own poll, not ours).
-        "command": ["sh", "-c", "echo hello world >&2; echo out; "
+def hello_request(cluster: Cluster, token: str, tmp_path: Path, more: str = "") -> tuple[str, str]:
+    """A committed container request whose container writes "hello world" to stderr (and
+    then runs the shell code ``more``) and ends when the test creates ``tmp_path/stop`` (its
+    own poll, not ours); (container UUID, request UUID)."""
+    cr = cluster.api("POST", "container_requests", token, {"container_request": {
+        "command": ["sh", "-c", f"echo hello world >&2; {more}"
                     f"while [ ! -e {tmp_path}/stop ]; do sleep 0.1; done"],
         "container_image": "debian:12", "output_path": "/out", "cwd": "/tmp",
         "runtime_constraints": {"vcpus": 1, "ram": 64 << 20}, "state": "Committed",
         "priority": 1}})
-    uuid, cr_uuid = cr["container_uuid"], cr["uuid"]
+    return cr["container_uuid"], cr["uuid"]
+
+
+def test_live_logs_via_c1_then_saved_logs(cluster: Cluster, tmp_path: Path) -> None:
+    user_token = cluster.add_user("alice")
+    uuid, cr_uuid = hello_request(cluster, user_token, tmp_path, "echo out; ")
     base = f"/arvados/v1/container_requests/{cr_uuid}/log"
     # Before it runs: an empty directory, no error.
     status, _, body = dav(cluster, "PROPFIND", base + "/", user_token, {"Depth": "1"})
