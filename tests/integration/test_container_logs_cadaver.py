@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration import test_tunnel_controllers as c1c2
-from tests.integration.test_container_logs_e2e import hello_request
+from tests.integration.test_container_logs_e2e import end_hello, hello_request
 from tests.integration.test_tunnel_controllers import Cluster
 
 pytestmark = [
@@ -145,9 +145,7 @@ def test_cadaver_lists_and_gets_live_and_saved_logs(cluster: Cluster, tmp_path: 
         assert "stderr.txt" in out and "crunch-run.txt" in out, out
         assert (tmp_path / "saved" / "stderr.txt").read_bytes() == b"hello world\n", out
     finally:
-        if crun.poll() is None:
-            os.killpg(crun.pid, signal.SIGKILL)
-            crun.wait(10)
+        end_hello(crun, tmp_path)
     # A wrong token: cadaver is refused, not shown anything.
     out = cadaver(cluster, base, "v2/zzzzz-gj3su-000000000000000/nope", ["ls"],
                   tmp_path / "wrong")

@@ -13,6 +13,7 @@ import hmac
 import os
 import signal
 import ssl
+import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -52,6 +53,15 @@ def hello_request(cluster: Cluster, token: str, tmp_path: Path, more: str = "") 
         "runtime_constraints": {"vcpus": 1, "ram": 64 << 20}, "state": "Committed",
         "priority": 1}})
     return cr["container_uuid"], cr["uuid"]
+
+
+def end_hello(crun: subprocess.Popen[bytes], tmp_path: Path) -> None:
+    """Clean-up for :func:`hello_request`: its workload ends by itself (it runs in a session of
+    its own, which killing crunch-run would not reach), then crunch-run if it still runs."""
+    (tmp_path / "stop").touch()
+    if crun.poll() is None:
+        os.killpg(crun.pid, signal.SIGKILL)
+        crun.wait(10)
 
 
 def test_live_logs_via_c1_then_saved_logs(cluster: Cluster, tmp_path: Path) -> None:
@@ -102,9 +112,7 @@ def test_live_logs_via_c1_then_saved_logs(cluster: Cluster, tmp_path: Path) -> N
         status, _, body = dav(cluster, "PROPFIND", base, user_token, {"Depth": "1"})
         assert status == 207 and b"crunch-run.txt" in body and f"{uuid}/".encode() in body
     finally:
-        if crun.poll() is None:
-            os.killpg(crun.pid, signal.SIGKILL)
-            crun.wait(10)
+        end_hello(crun, tmp_path)
     logs = [cluster.log(0), cluster.log(1), crun_log.read_text(errors="replace")]
     for text in logs:
         assert ROOT not in text and user_token.rsplit("/", 1)[-1] not in text
