@@ -39,7 +39,7 @@ from dispatcher.proc import (
     CommandResult,
     CommandRunner,
     CommandTimeout,
-    ThreadedCommandRunner,
+    SpawnCommandRunner,
 )
 
 log = get_logger("lsf.commands")
@@ -109,11 +109,11 @@ class LsfCLI:
     ) -> None:
         self.sudo_user = sudo_user
         self.timeout_s = timeout_s
-        self.submit_runner = ThreadedCommandRunner(
+        self.submit_runner = SpawnCommandRunner(
             max_concurrency=max(1, submit_concurrency), default_timeout_s=timeout_s,
             env=env, redact=redact, name="lsf-submit",
         )
-        self.query_runner = ThreadedCommandRunner(
+        self.query_runner = SpawnCommandRunner(
             max_concurrency=max(1, query_concurrency), default_timeout_s=timeout_s,
             env=env, redact=redact, name="lsf-query",
         )

@@ -43,6 +43,7 @@ from dispatcher.proc import (
     CommandResult,
     CommandRunner,
     CommandTimeout,
+    SpawnCommandRunner,
     ThreadedCommandRunner,
 )
 from dispatcher.slurm import parse
@@ -166,15 +167,15 @@ class SlurmCLI:
         # jobs cost 0.8 s of CPU per poll. What leaves this layer -- the message of a
         # SlurmCommandError, quoted in logs, runtime_status.error and the health report -- is
         # scrubbed in _run(); log lines are scrubbed again by the log handler.
-        self.submit_runner: CommandRunner = ThreadedCommandRunner(
+        self.submit_runner: CommandRunner = SpawnCommandRunner(
             max_concurrency=max(1, submit_concurrency), default_timeout_s=timeout_s,
             env=env, on_finish=self._ran, name="slurm-submit",
         )
-        self.renice_runner: CommandRunner = ThreadedCommandRunner(
+        self.renice_runner: CommandRunner = SpawnCommandRunner(
             max_concurrency=2, default_timeout_s=timeout_s, env=env, on_finish=self._ran,
             name="slurm-renice",
         )
-        self.query_runner: CommandRunner = ThreadedCommandRunner(
+        self.query_runner: CommandRunner = SpawnCommandRunner(
             max_concurrency=max(1, query_concurrency), default_timeout_s=timeout_s,
             env=env, on_finish=self._ran, name="slurm-query",
         )
