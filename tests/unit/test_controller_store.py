@@ -314,3 +314,114 @@ def test_sweep_logs(tmp_path: Path) -> None:
                     s.get(LOG, root, doc["uuid"])
     finally:
         s.close()
+
+
+def test_small_operations_run_inline_and_wait_on_the_thread_when_locked(store: Store,
+                                                                       tmp_path: Path) -> None:
+    """run_small() runs a quick operation on the event loop while the database thread is idle;
+    if another process holds the write lock it neither fails nor holds the loop: it waits
+    on the database thread (busy_timeout) and lands once the lock is released."""
+    import asyncio
+    import sqlite3
+    import threading
+
+    alice = user(store, "alice")
+    root = store.authenticate(ROOT_TOKEN)
+    first = store.create_request(alice, cr_attrs())["container_uuid"]
+    second = store.create_request(alice, cr_attrs(command=["echo", "2"]))["container_uuid"]
+    threads: list[str] = []
+    real_lock = store.lock_container
+
+    def spying_lock(caller: Caller, uuid: str) -> dict[str, Any]:
+        threads.append(threading.current_thread().name)
+        return real_lock(caller, uuid)
+
+    async def main() -> tuple[list[str], dict[str, Any], int]:
+        loop_thread = threading.current_thread().name
+        locked = await store.run_small(spying_lock, root, first)
+        assert locked["state"] == "Locked"
+        assert threads == [loop_thread]  # inline: no hop
+        other = sqlite3.connect(tmp_path / "db.sqlite3", isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")  # another process's write lock
+        task = asyncio.ensure_future(store.run_small(spying_lock, root, second))
+        ticks = 0
+        for _ in range(20):  # the loop keeps turning while the lock is held
+            await asyncio.sleep(0.01)
+            ticks += 1
+        assert not task.done()
+        other.execute("ROLLBACK")
+        other.close()
+        doc = await asyncio.wait_for(task, 10)
+        return threads, doc, ticks
+
+    threads_seen, doc, ticks = asyncio.run(main())
+    assert doc["state"] == "Locked" and ticks == 20
+    # Tried inline (refused at once), then done on the database thread.
+    assert threads_seen[1] == threads_seen[0]
+    assert threads_seen[2].startswith("controller-db")
+    assert store.get(CONTAINER, root, second)["lock_count"] == 1  # once, not twice
+
+
+def test_small_operations_queue_behind_the_database_thread(store: Store) -> None:
+    """While an operation runs on the database thread, a small one does not run inline beside
+    it (one operation at a time): it queues on the thread."""
+    import asyncio
+    import threading
+
+    root = store.authenticate(ROOT_TOKEN)
+    gate = threading.Event()
+    order: list[str] = []
+
+    def slow() -> None:
+        gate.wait(10)
+        order.append("slow")
+
+    def quick() -> str:
+        order.append("quick")
+        return threading.current_thread().name
+
+    async def main() -> str:
+        slow_task = asyncio.ensure_future(store.run(slow))
+        await asyncio.sleep(0.05)
+        quick_task = asyncio.ensure_future(store.run_small(quick))
+        await asyncio.sleep(0.05)
+        assert order == []  # quick did not run beside slow
+        gate.set()
+        await slow_task
+        return await quick_task
+
+    assert asyncio.run(main()).startswith("controller-db")
+    assert order == ["slow", "quick"]
+    assert store.authenticate(ROOT_TOKEN) == root
+
+
+def test_inline_writes_are_checkpointed_on_the_thread(store: Store, tmp_path: Path) -> None:
+    import asyncio
+
+    root = store.authenticate(ROOT_TOKEN)
+    alice = user(store, "alice")
+    store.CHECKPOINT_EVERY = 8
+    uuids = [store.create_request(alice, cr_attrs(command=["echo", str(i)]))["container_uuid"]
+             for i in range(8)]
+    wal = tmp_path / "db.sqlite3-wal"
+
+    async def main() -> None:
+        await store.run(store._checkpoint)
+        for u in uuids:
+            await store.run_small(store.lock_container, root, u)
+        for _ in range(100):  # the checkpoint task runs on the thread, in the background
+            await asyncio.sleep(0.01)
+            if not store._background:
+                break
+
+    asyncio.run(main())
+    # A PASSIVE checkpoint copied the WAL's frames into the database: reopening it without
+    # the WAL shows the locks.
+    import shutil
+    import sqlite3
+    copy = tmp_path / "copy.sqlite3"
+    shutil.copy(tmp_path / "db.sqlite3", copy)
+    assert wal.exists()
+    n = sqlite3.connect(copy).execute(
+        "SELECT count(*) FROM containers WHERE state = 'Locked'").fetchone()[0]
+    assert n == 8

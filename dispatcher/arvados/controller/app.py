@@ -117,7 +117,7 @@ async def authenticate_request(request: web.Request, params: Mapping[str, Any] |
     if root and hmac.compare_digest(token.encode(), root.encode()):
         caller = store.system_caller
     else:
-        caller = await store.run(store.authenticate, token)
+        caller = await store.run_small(store.authenticate, token)
     register_secret(token)
     request[CALLER_KEY] = caller
     return caller
@@ -183,7 +183,7 @@ def _make_list(resource: Resource, default_order: str = DEFAULT_ORDER) -> Handle
 
 def _make_get(resource: Resource) -> Handler:
     async def handler(call: Call) -> Any:
-        doc = await call.store.run(call.store.get, resource, call.caller, call.uuid)
+        doc = await call.store.run_small(call.store.get, resource, call.caller, call.uuid)
         return _out(call, resource, doc)
 
     return handler
@@ -195,7 +195,7 @@ async def containers_create(call: Call) -> Any:
 
 
 async def containers_update(call: Call) -> Any:
-    doc = await call.store.run(
+    doc = await call.store.run_small(
         call.store.update_container, call.caller, call.uuid, call.body(CONTAINER)
     )
     return _out(call, CONTAINER, doc)
@@ -206,19 +206,19 @@ async def containers_delete(call: Call) -> Any:
 
 
 async def containers_lock(call: Call) -> Any:
-    return await call.store.run(call.store.lock_container, call.caller, call.uuid)
+    return await call.store.run_small(call.store.lock_container, call.caller, call.uuid)
 
 
 async def containers_unlock(call: Call) -> Any:
-    return await call.store.run(call.store.unlock_container, call.caller, call.uuid)
+    return await call.store.run_small(call.store.unlock_container, call.caller, call.uuid)
 
 
 async def containers_auth(call: Call) -> Any:
-    return await call.store.run(call.store.container_auth, call.caller, call.uuid)
+    return await call.store.run_small(call.store.container_auth, call.caller, call.uuid)
 
 
 async def containers_secret_mounts(call: Call) -> Any:
-    return await call.store.run(call.store.container_secret_mounts, call.caller, call.uuid)
+    return await call.store.run_small(call.store.container_secret_mounts, call.caller, call.uuid)
 
 
 async def requests_create(call: Call) -> Any:
@@ -241,7 +241,7 @@ async def requests_delete(call: Call) -> Any:
 
 async def users_current(call: Call) -> Any:
     assert call.caller is not None
-    return await call.store.run(call.store.get_user, call.caller, call.caller.user_uuid)
+    return await call.store.run_small(call.store.get_user, call.caller, call.caller.user_uuid)
 
 
 async def users_system(call: Call) -> Any:
@@ -252,12 +252,12 @@ async def users_system(call: Call) -> Any:
 
 
 async def users_get(call: Call) -> Any:
-    doc = await call.store.run(call.store.get_user, call.caller, call.uuid)
+    doc = await call.store.run_small(call.store.get_user, call.caller, call.uuid)
     return _out(call, USER, doc)
 
 
 async def tokens_current(call: Call) -> Any:
-    return await call.store.run(call.store.current_token, call.caller)
+    return await call.store.run_small(call.store.current_token, call.caller)
 
 
 async def logs_create(call: Call) -> Any:
@@ -409,6 +409,26 @@ def _new_request_id() -> str:
     return "req-" + secrets.token_hex(10)
 
 
+def _log_request(level: int, request: web.Request, request_id: str, route: str, status: int,
+                 elapsed: float) -> None:
+    caller: Caller | None = request.get(CALLER_KEY)
+    log.log(
+        level,
+        "request",
+        extra={
+            "request_id": request_id,
+            "user_uuid": caller.user_uuid if caller else None,
+            # Path only: the query string may carry api_token.
+            "fields": {
+                "method": request.method, "path": request.path, "route": route,
+                "status": status, "duration_ms": round(elapsed * 1000, 2),
+                "token_uuid": caller.token_uuid if caller else None,
+                "remote": request.remote,
+            },
+        },
+    )
+
+
 def _middlewares(registry: CollectorRegistry) -> list[Any]:
     duration = Histogram(
         "crunchgate_controller_request_duration_seconds",
@@ -451,23 +471,10 @@ def _middlewares(registry: CollectorRegistry) -> list[Any]:
             elapsed = time.monotonic() - start
             route = request.get(ROUTE_KEY) or ("other" if status != 404 else "not_found")
             duration.labels(route=route, method=request.method, code=str(status)).observe(elapsed)
-            caller: Caller | None = request.get(CALLER_KEY)
             quiet = status < 400 and (request.method == "GET" or route == "logs.create")
-            log.log(
-                logging.DEBUG if quiet else logging.INFO,
-                "request",
-                extra={
-                    "request_id": request_id,
-                    "user_uuid": caller.user_uuid if caller else None,
-                    # Path only: the query string may carry api_token.
-                    "fields": {
-                        "method": request.method, "path": request.path, "route": route,
-                        "status": status, "duration_ms": round(elapsed * 1000, 2),
-                        "token_uuid": caller.token_uuid if caller else None,
-                        "remote": request.remote,
-                    },
-                },
-            )
+            level = logging.DEBUG if quiet else logging.INFO
+            if log.isEnabledFor(level):
+                _log_request(level, request, request_id, route, status, elapsed)
 
     return [api_middleware]
 

@@ -1,9 +1,12 @@
 """The controller's state in SQLite (WAL): users, tokens, containers, requests, logs, links.
 
 Every public method is synchronous and runs one transaction; the HTTP layer calls them through
-:meth:`Store.run`, which executes them on the store's single database thread. One thread means
-one writer and no interleaving: a lock is "performed inside a row lock" (reference 1.3) simply
-because nothing else touches the database meanwhile, and the event loop never blocks on disk.
+:meth:`Store.run`, which executes them on the store's single database thread, or, for the
+quick one-row operations (get, lock, unlock, ...), :meth:`Store.run_small`, which runs them on
+the event loop itself while the database thread is idle. Either way only one operation runs at
+a time: a lock is "performed inside a row lock" (reference 1.3) simply because nothing else
+touches the database meanwhile. The event loop never waits for another process's write lock
+(it falls back to the thread) and never checkpoints the WAL (the thread does).
 
 Records are kept as the JSON document served to clients (``doc``) plus indexed columns for the
 fields hot queries filter on (see :mod:`.models`), so a list response is mostly the stored
@@ -217,6 +220,15 @@ def check_types(resource: Resource, attrs: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _busy(exc: sqlite3.OperationalError) -> bool:
+    """Whether SQLite refused because another connection holds a lock (SQLITE_BUSY/LOCKED)."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF in (5, 6)  # SQLITE_BUSY, SQLITE_LOCKED (and their extended codes)
+    msg = str(exc)
+    return "locked" in msg or "busy" in msg
+
+
 class Store:
     """SQLite-backed controller state. Construct, then call methods via :meth:`run`."""
 
@@ -232,6 +244,12 @@ class Store:
         self._clock = clock
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="controller-db")
         self._thread_ident: int | None = None
+        # Operations handed to the database thread and not finished yet (event-loop thread
+        # only): run_small() runs inline only when this is 0.
+        self._on_thread = 0
+        self._inline_conn: sqlite3.Connection | None = None
+        self._inline_calls = 0
+        self._background: set[asyncio.Future[Any]] = set()
         self._listeners: list[ContainerListener] = []
         self._pending: list[tuple[dict[str, Any] | None, dict[str, Any]]] = []
         try:
@@ -244,6 +262,15 @@ class Store:
             self._conn.execute("PRAGMA synchronous=NORMAL")
             self._conn.execute("PRAGMA busy_timeout=5000")
             self._conn.executescript(SCHEMA)
+            if self.path != ":memory:":
+                # The event loop's own connection: never waits for a lock (busy -> the
+                # operation goes to the thread instead) and never checkpoints (an fsync).
+                inline = sqlite3.connect(self.path, isolation_level=None,
+                                         check_same_thread=False)
+                inline.execute("PRAGMA synchronous=NORMAL")
+                inline.execute("PRAGMA busy_timeout=0")
+                inline.execute("PRAGMA wal_autocheckpoint=0")
+                self._inline_conn = inline
         except (sqlite3.Error, OSError) as exc:
             raise StoreError(
                 f"cannot open the controller database {self.path}: {exc}; check the data "
@@ -261,11 +288,63 @@ class Store:
     async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run ``fn(*args, **kwargs)`` (a Store method) on the database thread."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
+        self._on_thread += 1
+        try:
+            return await loop.run_in_executor(
+                self._executor, functools.partial(fn, *args, **kwargs))
+        finally:
+            self._on_thread -= 1
+
+    # Inline calls between two checkpoints of the WAL on the database thread.
+    CHECKPOINT_EVERY = 256
+
+    async def run_small(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(*args)``, a quick operation on a few rows (no lists, no bulk writes), on
+        the event loop if the database thread is idle; otherwise, or if another process holds
+        the database's write lock, on the thread like :meth:`run`.
+
+        Why: the hop to the thread and back (two wake-ups, a future chained across threads)
+        costs ~0.18 ms of CPU, a quarter of a whole ``lock`` request; a burst of 1,000 locks on
+        a host that also runs slurmctld is CPU-bound. Inline, the loop is held for the
+        operation only (~0.1-0.3 ms): it never sleeps on a lock (``busy_timeout=0``) and
+        leaves checkpointing (which syncs) to the thread.
+        """
+        inline = self._inline_conn
+        if inline is not None and self._on_thread == 0:
+            conn, self._conn = self._conn, inline
+            try:
+                result = fn(*args)
+            except sqlite3.OperationalError as exc:
+                if not _busy(exc):
+                    raise
+                # Locked by another process (another controller on the same database, a
+                # backup): nothing was written (the transaction rolled back); wait on the
+                # thread instead.
+            else:
+                self._inline_calls += 1
+                if self._inline_calls % self.CHECKPOINT_EVERY == 0:
+                    self._in_background(self.run(self._checkpoint))
+                return result
+            finally:
+                self._conn = conn
+        return await self.run(fn, *args)
+
+    def _in_background(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+    def _checkpoint(self) -> None:
+        """Copy what the WAL holds into the database without blocking anyone (the inline
+        connection's commits never do it themselves)."""
+        self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)
         self._conn.close()
+        if self._inline_conn is not None:
+            self._inline_conn.close()
 
     def ping(self) -> None:
         """Touch the database (health check); raises if it is unusable."""
