@@ -96,6 +96,8 @@ class SlurmBackend(Backend):
         # Names whose sbatch got no answer: look them up before submitting again.
         self._maybe_submitted: set[str] = set()
         self._sacct_off_until = 0.0  # monotonic time before which sacct is not asked
+        # A squeue started at process start-up for the first poll (prefetch_jobs).
+        self._prefetched: tuple[float, asyncio.Future[str]] | None = None
         reg = self.cli.metrics.registry
         self._jobs_gauge = Gauge(
             "crunchgate_slurm_jobs", "Jobs in the last squeue, by Slurm state",
@@ -110,13 +112,43 @@ class SlurmBackend(Backend):
         )
 
     async def close(self) -> None:
+        if self._prefetched is not None:
+            self._prefetched[1].cancel()
+            self._prefetched = None
         self.cli.close()
 
     # --- queue --------------------------------------------------------------------------------
 
+    # A prefetched listing older than this is not used: the first poll runs its own squeue.
+    PREFETCH_MAX_AGE_S = 5.0
+
+    async def prefetch_jobs(self) -> None:
+        """Start the first poll's squeue now, at process start-up, so that it runs while the
+        rest of the service is imported and the API token is checked (~0.15 s; a squeue of a
+        busy slurmctld takes as long). Returns once the command has been started.
+
+        Safe for the first poll only, which is the only one that uses it: no operation of
+        this process can have changed a job before it, so a listing started before the poll's
+        tick says the same as one started after it.
+        """
+        if self._prefetched is None:
+            task = asyncio.ensure_future(self.cli.squeue())
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+            self._prefetched = (time.monotonic(), task)
+            await asyncio.sleep(0)  # let it reach the spawn
+
+    async def _squeue(self) -> str:
+        if self._prefetched is not None:
+            started, task = self._prefetched
+            self._prefetched = None
+            if time.monotonic() - started <= self.PREFETCH_MAX_AGE_S:
+                return await task
+            task.cancel()
+        return await self.cli.squeue()
+
     async def list_jobs(self) -> dict[str, Job]:
         try:
-            out = await self.cli.squeue()
+            out = await self._squeue()
         except SlurmCommandError as exc:
             raise QueryFailed(f"squeue failed, job states unknown this poll: {exc}") from None
         rows, bad = parse.parse_squeue(out)

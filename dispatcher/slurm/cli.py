@@ -109,17 +109,22 @@ class JobEndRecorder:
 
 async def serve(cfg: ClusterConfig) -> int:
     """Run the dispatch loop and the health/metrics endpoint until SIGTERM/SIGINT."""
-    from dispatcher.arvados.client import ArvadosClient
-    from dispatcher.core.loop import Dispatcher
     from dispatcher.metrics import new_registry
     from dispatcher.slurm.backend import SlurmBackend
 
     registry = new_registry()
-    client = ArvadosClient.from_config(cfg, retries=2)
-    holder: dict[str, Dispatcher] = {}
-    recorder = JobEndRecorder(client, lambda: holder["d"].my_token_uuid if holder else "")
+    holder: dict[str, Any] = {}
+    recorder = JobEndRecorder(None, lambda: holder["d"].my_token_uuid if "d" in holder else "")
     backend = SlurmBackend(cfg, registry=registry, on_job_ended=recorder)
     await backend.start()
+    # The first squeue runs while the API client (aiohttp: ~0.1 s) is imported: a restart with
+    # a backlog submits its first jobs that much sooner.
+    await backend.prefetch_jobs()
+    from dispatcher.arvados.client import ArvadosClient
+    from dispatcher.core.loop import Dispatcher
+
+    client = ArvadosClient.from_config(cfg, retries=2)
+    recorder.client = client
     dispatcher = Dispatcher(cfg, client, backend, registry=registry)
     holder["d"] = dispatcher
 

@@ -269,3 +269,44 @@ def test_a_cancelled_command_is_killed_not_left_running(tmp_path: Path, monkeypa
     while any(alive(p) for p in started):
         assert time.monotonic() < deadline, "a cancelled scontrol is still running"
         time.sleep(0.05)
+
+
+def test_prefetched_listing_serves_the_first_poll_only(tmp_path: Path) -> None:
+    """The squeue started at start-up (while the rest is imported) is the first poll's; later
+    polls run their own; one that waited too long is not used."""
+    fake = FakeSlurm(tmp_path)
+    out = tmp_path / "squeue.out"
+    fake.set("squeue", f"cat {out}")
+    out.write_text(f"7 0 100 PENDING compute {U1} None\n")
+    be = backend(fake)
+
+    async def main() -> tuple[set[str], set[str]]:
+        await be.prefetch_jobs()
+        # The command already runs: what it lists is what the queue held at start-up.
+        deadline = asyncio.get_running_loop().time() + 10
+        while fake.count("squeue") < 1:
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.01)
+        first = set(await be.list_jobs())
+        out.write_text(f"8 0 100 PENDING compute {U2} None\n")
+        second = set(await be.list_jobs())
+        return first, second
+
+    first, second = run(main())
+    assert first == {U1} and second == {U2}
+    assert fake.count("squeue") == 2
+
+    stale = backend(fake)
+    stale.PREFETCH_MAX_AGE_S = 0.0
+
+    async def late() -> set[str]:
+        await stale.prefetch_jobs()
+        deadline = asyncio.get_running_loop().time() + 10
+        while fake.count("squeue") < 3:
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.01)
+        out.write_text(f"9 0 100 PENDING compute {U1} None\n")
+        return set(await stale.list_jobs())
+
+    assert run(late()) == {U1}
+    assert fake.count("squeue") == 4  # the stale one and a fresh one
