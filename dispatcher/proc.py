@@ -434,9 +434,9 @@ class _SpawnedProcess:
             # these three. Own session, so that a timeout kills wrapper scripts' children too.
             try:
                 pid = os.posix_spawn(path, list(argv), env, file_actions=actions, setsid=True)
-            except (FileNotFoundError, PermissionError, NotADirectoryError) as exc:
+            except OSError as exc:  # missing, not executable, no "#!" line (ENOEXEC), ...
                 raise CommandNotFound(tuple(argv), None, "", "",
-                                      f"cannot run: {exc.strerror}") from None
+                                      f"cannot run: {exc.strerror or exc}") from None
             try:
                 pidfd = os.pidfd_open(pid)
             except OSError:

@@ -231,3 +231,16 @@ def test_redactor_applies_to_errors(make):
         run(runner.run([sys.executable, "-c", "import sys; sys.stderr.write('token=sekrit-token'); sys.exit(1)"]))
     assert "sekrit-token" not in str(ei.value)
     assert "[REDACTED]" in ei.value.stderr
+
+
+def test_an_executable_without_interpreter_line_is_a_clear_error(tmp_path):
+    # A site's wrapper script that lost its "#!" line: the exec fails (ENOEXEC).
+    broken = tmp_path / "sbatch"
+    broken.write_bytes(b"\x00\x01not a program\n")
+    broken.chmod(0o755)
+    runner = SpawnCommandRunner()
+    try:
+        with pytest.raises(CommandNotFound, match="cannot run: Exec format error"):
+            run(runner.run([str(broken)]))
+    finally:
+        runner.close()
