@@ -350,9 +350,6 @@ class SpawnCommandRunner(ThreadedCommandRunner):
                               "cannot run: No such file or directory (not on PATH)")
 
 
-_SPAWN_SUPPORTED: bool | None = None
-
-
 def _no_inheritable_descriptors() -> None:
     """Make every descriptor above stderr close-on-exec.
 
@@ -372,6 +369,9 @@ def _no_inheritable_descriptors() -> None:
             with contextlib.suppress(OSError):  # e.g. listdir's own, already closed
                 if os.get_inheritable(fd):
                     os.set_inheritable(fd, False)
+
+
+_SPAWN_SUPPORTED: bool | None = None
 
 
 def spawn_supported() -> bool:

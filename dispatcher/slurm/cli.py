@@ -113,8 +113,8 @@ async def serve(cfg: ClusterConfig) -> int:
     from dispatcher.slurm.backend import SlurmBackend
 
     registry = new_registry()
-    holder: dict[str, Any] = {}
-    recorder = JobEndRecorder(None, lambda: holder["d"].my_token_uuid if "d" in holder else "")
+    holder: dict[str, Dispatcher] = {}
+    recorder = JobEndRecorder(None, lambda: holder["d"].my_token_uuid if holder else "")
     backend = SlurmBackend(cfg, registry=registry, on_job_ended=recorder)
     await backend.start()
     # The first squeue runs while the API client (aiohttp: ~0.1 s) is imported: a restart with
